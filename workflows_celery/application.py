@@ -1,0 +1,87 @@
+"""Setting up a Celery app for workflows: one call for a user's own app, and ready-made apps."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from celery import Celery
+
+from workflows_celery.constants import (
+    DEFAULT_PROCESS_START_TIMEOUT_S,
+    SETTING_SERVICES,
+    STEP_TASK_NAME,
+)
+
+#: Celery's own default for ``worker_proc_alive_timeout``, in seconds.
+_CELERY_PROCESS_START_TIMEOUT_S = 4.0
+
+_default_app: Celery | None = None
+_default_app_lock = threading.Lock()
+
+
+def setup_app(app: Celery, *, services: Any = None) -> Celery:
+    """Prepare a Celery app to carry workflows messages and host services.
+
+    Call it once where the app is created (in Django, in ``proj/celery.py``
+    after ``config_from_object``). It registers the step task, limits
+    serialisation to JSON (a worker accepts no pickle), adds the worker's
+    ``--services`` option and its hosting bootstep, and sets the
+    ``workflows_services`` setting when ``services`` is given.
+
+    Args:
+        app: The app to prepare.
+        services: Services its workers host unless ``--services`` says otherwise:
+            entry-point names, import paths or classes.
+
+    Returns:
+        The same app, for chaining.
+    """
+    from workflows_celery.hosting import run_step
+    from workflows_celery.worker import install_worker_support
+
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        event_serializer="json",
+        result_serializer="json",
+    )
+    if app.conf.worker_proc_alive_timeout == _CELERY_PROCESS_START_TIMEOUT_S:
+        app.conf.worker_proc_alive_timeout = DEFAULT_PROCESS_START_TIMEOUT_S
+    if services is not None:
+        app.conf[SETTING_SERVICES] = services
+
+    if STEP_TASK_NAME not in app.tasks:
+        # Not shared: each app's step task serves that app's hosted services.
+        app.task(
+            name=STEP_TASK_NAME,
+            bind=True,
+            shared=False,
+            acks_late=True,
+            reject_on_worker_lost=True,
+            ignore_result=True,
+            typing=False,
+        )(run_step)
+    install_worker_support(app)
+    return app
+
+
+def create_app(broker_url: str | None = None, *, main: str = "workflows_celery") -> Celery:
+    """Create a new Celery app set up for workflows.
+
+    Args:
+        broker_url: Broker to use; when omitted Celery reads ``CELERY_BROKER_URL``.
+        main: Name of the app's main module, as for :class:`celery.Celery`.
+    """
+    app = Celery(main, broker=broker_url, set_as_current=False)
+    return setup_app(app)
+
+
+def default_app() -> Celery:
+    """Return the ready-made app that ``celery -A workflows_celery`` runs."""
+    global _default_app
+    with _default_app_lock:
+        if _default_app is None:
+            _default_app = create_app()
+        return _default_app

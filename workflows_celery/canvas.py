@@ -1,0 +1,111 @@
+"""Recipes as Celery canvases: one routed signature per ``start`` entry.
+
+The first messages of a run are computed by ``RecipeWrapper.start()`` itself,
+so ``transport-delay``, ``exchange``, queues and topics are honoured exactly as
+python-workflows honours them; each becomes a signature of the step task.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from celery import Celery, group
+from celery.canvas import Signature
+from workflows.recipe.wrapper import RecipeWrapper
+
+from workflows_celery.constants import STEP_TASK_NAME
+from workflows_celery.messages import OutgoingMessage
+from workflows_celery.recipes import RecipeSource, prepare_recipe
+from workflows_celery.transport import CeleryTransport, route_options
+
+
+def first_messages(
+    recipe: RecipeSource,
+    parameters: Mapping[str, Any] | None = None,
+    *,
+    environment: Mapping[str, Any] | None = None,
+    app: Celery | None = None,
+    allow_unresolved: bool = False,
+) -> tuple[str, list[OutgoingMessage]]:
+    """Return the run ID and the messages that start a run of ``recipe``.
+
+    Nothing is sent. ``environment["ID"]`` is the run ID; a new one is made
+    when it is absent. ``allow_unresolved`` keeps destinations that still hold
+    a placeholder, as simulations do.
+    """
+    prepared = prepare_recipe(recipe, parameters, allow_unresolved=allow_unresolved)
+    run_environment = dict(environment or {})
+    run_environment.setdefault("ID", str(uuid.uuid4()))
+
+    transport = CeleryTransport(app, dry_run=True)
+    transport.capture = []
+    wrapper = RecipeWrapper(recipe=prepared, transport=transport, environment=run_environment)
+    wrapper.start()
+    return str(run_environment["ID"]), transport.capture
+
+
+def recipe_canvas(
+    recipe: RecipeSource,
+    parameters: Mapping[str, Any] | None = None,
+    *,
+    environment: Mapping[str, Any] | None = None,
+    app: Celery | None = None,
+) -> group:
+    """Turn a recipe and its parameters into a Celery canvas that starts a run.
+
+    ``apply_async()`` on the result sends the first messages from any process
+    and returns a ``GroupResult`` whose ``id`` is the run ID
+    (``environment["ID"]``). Steps report no results to the result backend.
+
+    Raises:
+        InvalidRecipeError: the recipe is invalid or a destination is unresolved.
+    """
+    if app is None:
+        from workflows_celery.application import default_app
+
+        app = default_app()
+    run_id, messages = first_messages(recipe, parameters, environment=environment, app=app)
+    signatures = [_signature(app, outgoing) for outgoing in messages]
+    return group(signatures, app=app, task_id=run_id)
+
+
+def start_recipe(
+    recipe: RecipeSource,
+    parameters: Mapping[str, Any] | None = None,
+    *,
+    environment: Mapping[str, Any] | None = None,
+    app: Celery | None = None,
+    allow_unresolved: bool = False,
+) -> str:
+    """Start a run of ``recipe`` and return its run ID, without waiting for any step.
+
+    Raises:
+        InvalidRecipeError: the recipe is invalid or a destination is unresolved
+            (unless ``allow_unresolved``).
+        MessageEncodeError: a start payload is not JSON serialisable.
+    """
+    if app is None:
+        from workflows_celery.application import default_app
+
+        app = default_app()
+    run_id, messages = first_messages(
+        recipe, parameters, environment=environment, app=app, allow_unresolved=allow_unresolved
+    )
+    CeleryTransport(app).publish(messages)
+    return run_id
+
+
+def _signature(app: Celery, outgoing: OutgoingMessage) -> Signature:
+    options: dict[str, Any] = {
+        "task_id": outgoing.task_id,
+        "shadow": outgoing.display_name(),
+        "ignore_result": True,
+        **route_options(outgoing),
+    }
+    if outgoing.delay_s:
+        options["countdown"] = outgoing.delay_s
+    if outgoing.expiration_s is not None:
+        options["expires"] = outgoing.expiration_s
+    return app.signature(STEP_TASK_NAME, kwargs=outgoing.task_kwargs(), **options)

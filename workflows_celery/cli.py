@@ -1,0 +1,257 @@
+"""The ``workflows-celery`` command: start recipes and validate them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from workflows.recipe import Recipe
+from workflows.services.common_service import CommonService
+
+from workflows_celery import __version__
+from workflows_celery.constants import EMBEDDED_BROKER_URL
+from workflows_celery.errors import WorkflowsCeleryError
+from workflows_celery.recipes import load_recipe, prepare_recipe, unresolved_destinations, validate_recipe
+from workflows_celery.redaction import mask_url
+
+logger = logging.getLogger(__name__)
+
+#: Seconds an embedded run may take before ``run`` gives up waiting.
+DEFAULT_RUN_TIMEOUT_S = 300.0
+
+
+def parse_parameter(text: str) -> tuple[str, Any]:
+    """Split ``KEY=VALUE``; a VALUE that is a JSON object or array is decoded."""
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(
+            f"invalid parameter {text!r}: expected KEY=VALUE, e.g. --param ispyb_dcid=1234"
+        )
+    if value.lstrip().startswith(("{", "[")):
+        try:
+            return key, json.loads(value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(
+                f"invalid parameter {key!r}: value looks like JSON but is not valid ({error})"
+            ) from None
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of the ``workflows-celery`` command."""
+    parser = argparse.ArgumentParser(
+        prog="workflows-celery",
+        description="Run python-workflows recipes and services on Celery.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="start a recipe",
+        description=(
+            "Start a recipe. With --broker the run is sent to that broker for "
+            "`celery worker` processes and its run ID is printed. Without it the "
+            "recipe runs here, on an in-memory broker with an in-process worker "
+            "hosting the installed services the recipe names, and the steps it "
+            "took are printed when no message is left in flight."
+        ),
+    )
+    run.add_argument("recipe", help="recipe JSON file")
+    run.add_argument(
+        "-p",
+        "--param",
+        dest="parameters",
+        action="append",
+        type=parse_parameter,
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe parameter filling {KEY} placeholders (repeatable); a JSON "
+        "object or array value is decoded, for {$REPLACE:KEY}",
+    )
+    run.add_argument(
+        "-b",
+        "--broker",
+        metavar="URL",
+        help="Celery broker URL, e.g. redis://127.0.0.1:6379/0 (default: embedded in-memory broker)",
+    )
+    run.add_argument(
+        "--simulate",
+        action="store_true",
+        help="replace every node's service by a stand-in that forwards each payload "
+        "to all of its node's outputs (embedded mode only)",
+    )
+    run.add_argument(
+        "--services",
+        metavar="NAMES",
+        help="services to host in the embedded worker, comma separated (default: "
+        "the installed services whose names the recipe's nodes give)",
+    )
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_RUN_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"embedded mode: give up waiting for the run after this many seconds (default {DEFAULT_RUN_TIMEOUT_S:.0f})",
+    )
+    run.set_defaults(handler=command_run)
+
+    validate = commands.add_parser(
+        "validate",
+        help="validate recipe files",
+        description="Validate recipes; the exit status is 1 when any is invalid.",
+    )
+    validate.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe JSON file")
+    validate.set_defaults(handler=command_validate)
+    return parser
+
+
+def command_validate(args: argparse.Namespace) -> int:
+    """Validate each recipe file and report every problem."""
+    failures = 0
+    for path in args.recipes:
+        try:
+            recipe = load_recipe(path)
+            validate_recipe(recipe, path)
+        except WorkflowsCeleryError as error:
+            failures += 1
+            print(f"{path}: {error}", file=sys.stderr)
+            continue
+        placeholders = unresolved_destinations(recipe)
+        note = f" (placeholders to fill at run time: {', '.join(placeholders)})" if placeholders else ""
+        print(f"{path}: valid{note}")
+    if failures:
+        print(f"{failures} of {len(args.recipes)} recipes invalid", file=sys.stderr)
+        return 1
+    return 0
+
+
+def command_run(args: argparse.Namespace) -> int:
+    """Start a recipe on a broker, or run it here in the embedded mode."""
+    parameters = dict(args.parameters)
+    if args.broker:
+        if args.simulate:
+            print(
+                "error: --simulate runs the recipe here, on the embedded broker; "
+                "drop --broker to simulate",
+                file=sys.stderr,
+            )
+            return 2
+        return _run_on_broker(args.recipe, parameters, args.broker)
+    return _run_embedded(args, parameters)
+
+
+def _run_on_broker(path: str, parameters: dict[str, Any], broker_url: str) -> int:
+    from workflows_celery.application import create_app
+    from workflows_celery.canvas import start_recipe
+
+    app = create_app(broker_url)
+    run_id = start_recipe(path, parameters, app=app)
+    print(f"Started run {run_id} of {path} on {mask_url(broker_url)}")
+    return 0
+
+
+def _run_embedded(args: argparse.Namespace, parameters: dict[str, Any]) -> int:
+    from workflows_celery.canvas import start_recipe
+    from workflows_celery.embedded import embedded_worker
+    from workflows_celery.simulate import format_tree, make_stand_in, reachable_nodes
+
+    recipe = prepare_recipe(args.recipe, parameters, allow_unresolved=args.simulate)
+    for problem in unresolved_destinations(recipe):
+        print(f"note: {problem} has no value; simulated under that literal name", file=sys.stderr)
+
+    services: list[Any]
+    if args.simulate:
+        services = [make_stand_in(recipe)]
+    elif args.services:
+        services = [args.services]
+    else:
+        services = services_named_in(recipe)
+        if not services:
+            print(
+                "error: no installed service matches the services this recipe names; "
+                "use --simulate to run it with stand-ins, or --services NAMES",
+                file=sys.stderr,
+            )
+            return 2
+
+    started = time.monotonic()
+    with embedded_worker(services) as (app, tracker):
+        run_id = start_recipe(recipe, app=app, allow_unresolved=args.simulate)
+        print(f"Run {run_id} of {args.recipe} on the embedded broker ({EMBEDDED_BROKER_URL})")
+        finished = tracker.wait_until_idle(args.timeout)
+        elapsed = time.monotonic() - started
+        steps = sorted(tracker.steps, key=lambda step: step.finished_at)
+
+    for line in format_tree(steps):
+        print(line)
+    reached = {step.node for step in steps}
+    reachable = reachable_nodes(recipe)
+    print(
+        f"{len(steps)} steps run, {len(reached & reachable)} of {len(reachable)} "
+        f"reachable nodes reached, {elapsed:.2f} s"
+    )
+    for queue, count in sorted(tracker.undeliverable.items()):
+        print(
+            f"warning: {count} message(s) sent to queue {queue!r}, which no hosted "
+            "service reads; they were not processed",
+            file=sys.stderr,
+        )
+    if not finished:
+        print(
+            f"error: the run still had {tracker.in_flight} message(s) in flight "
+            f"after {args.timeout:.0f} s",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def services_named_in(recipe: Recipe) -> list[type[CommonService]]:
+    """Return the installed services whose entry-point or display name a node gives."""
+    from workflows_celery.services import known_services
+
+    wanted = {
+        str(node.get("service"))
+        for key, node in recipe.recipe.items()
+        if isinstance(key, int) and isinstance(node, dict) and node.get("service")
+    }
+    found: list[type[CommonService]] = []
+    for name, entry in known_services().items():
+        try:
+            service_class = entry.load()
+        except Exception:  # a broken plug-in must not stop the run
+            logger.warning("Cannot load service entry point %r", name, exc_info=True)
+            continue
+        display_name = getattr(service_class, "_service_name", None)
+        if (name in wanted or display_name in wanted) and service_class not in found:
+            found.append(service_class)
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    handler = logging.StreamHandler()
+    handler.setLevel(level)  # services set their own loggers to INFO
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+    try:
+        return int(args.handler(args))
+    except WorkflowsCeleryError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

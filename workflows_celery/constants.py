@@ -1,0 +1,44 @@
+"""Names shared by senders and workers: the task, message fields, settings and defaults.
+
+Every process that sends or receives workflows messages must agree on these, so
+they live in one place.
+"""
+
+from __future__ import annotations
+
+#: Name of the Celery task that carries every workflows message. A sender never
+#: imports service code: the destination queue alone decides which worker runs it.
+STEP_TASK_NAME = "workflows_celery.step"
+
+# Keyword arguments of the step task, as they appear in the task message body.
+KWARG_QUEUE = "queue"
+KWARG_TOPIC = "topic"
+KWARG_HEADERS = "headers"
+KWARG_MESSAGE = "message"
+
+#: Header that marks a message body as a wrapped recipe (set by workflows itself).
+HEADER_RECIPE = "workflows-recipe"
+
+#: Topic on which services broadcast their status, as in workflows.
+STATUS_TOPIC = "transient.status"
+
+#: Seconds after which a status message is dropped, as in workflows.
+STATUS_EXPIRATION_S = 15
+
+#: Prefix of the queues created by ``subscribe_temporary``. Senders do not
+#: declare these queues, because they belong to the connection that made them.
+TEMPORARY_QUEUE_PREFIX = "transient.tmp."
+
+# Celery settings read by workflows-celery (lower case, as in ``app.conf``; with
+# a Django-style namespace they gain its prefix, e.g. ``CELERY_WORKFLOWS_SERVICES``).
+
+#: Services a worker hosts: entry-point names or ``module:Class`` import paths.
+SETTING_SERVICES = "workflows_services"
+
+#: Seconds a prefork child may spend starting its services before Celery
+#: considers it failed (Celery's own default of 4 s is too short for services
+#: that connect to databases in ``initializing()``).
+DEFAULT_PROCESS_START_TIMEOUT_S = 30.0
+
+#: Broker URL of the embedded mode: kombu's in-memory transport, one process.
+EMBEDDED_BROKER_URL = "memory://localhost/"

@@ -1,0 +1,205 @@
+"""The embedded mode: kombu's in-memory broker and a Celery worker in this process.
+
+It runs a recipe on a machine with nothing else installed. The worker uses the
+solo pool in a background thread, so every step runs in this process and the
+run's end is known exactly: it ends when no message is in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from celery import Celery, states
+from celery.signals import after_task_publish, task_postrun, task_revoked
+from celery.worker import WorkController
+from celery.worker import state as worker_state
+from workflows.services.common_service import CommonService
+
+from workflows_celery.application import create_app
+from workflows_celery.constants import EMBEDDED_BROKER_URL, KWARG_QUEUE, KWARG_TOPIC, STEP_TASK_NAME
+from workflows_celery.hosting import state_for
+from workflows_celery.messages import Destination, destination_from_kwargs
+from workflows_celery.simulate import StepRecord
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between two polls of the in-memory broker's queues.
+EMBEDDED_POLL_INTERVAL_S = 0.005
+
+#: Seconds to wait for the in-process worker to start consuming.
+WORKER_START_TIMEOUT_S = 30.0
+
+
+class _EmbeddedWorkController(WorkController):  # type: ignore[misc]
+    """A worker that tells when its consumer is ready."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.consumer_ready = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def on_consumer_ready(self, consumer: Any) -> None:
+        self.consumer_ready.set()
+
+
+class FlightTracker:
+    """Counts the workflows messages of one app that are sent and not yet processed.
+
+    A message counts from its publication until the step task that carries it
+    ends without being requeued, or Celery drops it as expired. Messages to a
+    queue that no hosted service reads are counted apart as undeliverable.
+    """
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self._lock = threading.Condition()
+        self.in_flight = 0
+        self.sent = 0
+        self.processed = 0
+        self.undeliverable: dict[str, int] = {}
+        self.steps: list[StepRecord] = []
+
+    def connect(self) -> None:
+        """Start counting."""
+        after_task_publish.connect(self._on_publish, sender=STEP_TASK_NAME, weak=False)
+        task_postrun.connect(self._on_postrun, weak=False)
+        task_revoked.connect(self._on_revoked, weak=False)
+
+    def disconnect(self) -> None:
+        """Stop counting."""
+        after_task_publish.disconnect(self._on_publish, sender=STEP_TASK_NAME)
+        task_postrun.disconnect(self._on_postrun)
+        task_revoked.disconnect(self._on_revoked)
+
+    def wait_until_idle(self, timeout_s: float | None = None) -> bool:
+        """Block until no message is in flight; return False on timeout."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._lock:
+            while self.in_flight > 0:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._lock.wait(remaining if remaining is not None else 1.0)
+            return True
+
+    def _on_publish(self, sender: Any = None, body: Any = None, **_: Any) -> None:
+        kwargs = body[1] if isinstance(body, (list, tuple)) and len(body) > 1 else {}
+        if not isinstance(kwargs, dict):
+            return
+        served = set(state_for(self.app).dispatcher.destinations())
+        with self._lock:
+            self.sent += 1
+            if KWARG_TOPIC in kwargs:
+                # A broadcast nobody here listens to is dropped, as in workflows.
+                if Destination(kwargs[KWARG_TOPIC], is_topic=True) in served:
+                    self.in_flight += 1
+            elif Destination(str(kwargs.get(KWARG_QUEUE)), is_topic=False) in served:
+                self.in_flight += 1
+            else:
+                queue = str(kwargs.get(KWARG_QUEUE))
+                self.undeliverable[queue] = self.undeliverable.get(queue, 0) + 1
+
+    def _on_postrun(
+        self,
+        sender: Any = None,
+        state: Any = None,
+        retval: Any = None,
+        kwargs: Any = None,
+        **_: Any,
+    ) -> None:
+        if getattr(sender, "name", None) != STEP_TASK_NAME:
+            return
+        if state == states.REJECTED and getattr(retval, "requeue", False):
+            return
+        record = _step_record(kwargs or {})
+        with self._lock:
+            if record is not None:
+                self.steps.append(record)
+        self._finish_one()
+
+    def _on_revoked(self, sender: Any = None, request: Any = None, **_: Any) -> None:
+        if getattr(request, "task_name", None) == STEP_TASK_NAME or getattr(sender, "name", None) == STEP_TASK_NAME:
+            self._finish_one()
+
+    def _finish_one(self) -> None:
+        with self._lock:
+            self.in_flight = max(self.in_flight - 1, 0)
+            self.processed += 1
+            self._lock.notify_all()
+
+
+@contextmanager
+def embedded_worker(
+    services: list[Any], *, app: Celery | None = None, loglevel: str = "WARNING"
+) -> Iterator[tuple[Celery, FlightTracker]]:
+    """Run a worker hosting ``services`` in this process, on the in-memory broker.
+
+    Yields the app (to send with) and the tracker of messages in flight.
+    """
+    app = app or create_app(EMBEDDED_BROKER_URL, main="workflows_celery.embedded")
+    app.conf.worker_hijack_root_logger = False
+    # kombu's in-memory transport polls its queues; its default of one poll a
+    # second would add up to a second to every step.
+    app.conf.broker_transport_options = {"polling_interval": EMBEDDED_POLL_INTERVAL_S}
+    tracker = FlightTracker(app)
+    tracker.connect()
+    worker = _EmbeddedWorkController(
+        app=app,
+        pool="solo",
+        concurrency=1,
+        loglevel=loglevel,
+        without_heartbeat=True,
+        without_mingle=True,
+        without_gossip=True,
+        ready_callback=None,
+        services=services,
+        quiet=True,
+    )
+
+    def work() -> None:
+        # Celery's pools look the task up in the current app of the thread
+        # that runs it (the worker thread, or its timer thread for delayed
+        # messages), so this app becomes the current and the default one.
+        app.set_default()
+        app.set_current()
+        worker.start()
+
+    thread = threading.Thread(target=work, name="embedded worker", daemon=True)
+    thread.start()
+    try:
+        if not worker.consumer_ready.wait(WORKER_START_TIMEOUT_S):
+            raise RuntimeError("the embedded worker did not start within 30 s")
+        yield app, tracker
+    finally:
+        worker_state.should_terminate = 0
+        thread.join(30)
+        worker_state.should_terminate = None
+        tracker.disconnect()
+
+
+def _step_record(kwargs: dict[str, Any]) -> StepRecord | None:
+    """Describe the recipe step a step task ran, from its keyword arguments."""
+    destination = destination_from_kwargs(kwargs)
+    message = kwargs.get("message")
+    headers = kwargs.get("headers") or {}
+    if destination is None or not headers.get("workflows-recipe") or not isinstance(message, dict):
+        return None
+    try:
+        node = int(message["recipe-pointer"])
+        path = tuple(int(n) for n in message.get("recipe-path") or ())
+    except (KeyError, TypeError, ValueError):
+        return None
+    recipe = message.get("recipe") or {}
+    step = recipe.get(str(node), recipe.get(node)) if isinstance(recipe, dict) else None
+    service = step.get("service") if isinstance(step, dict) else None
+    return StepRecord(
+        node=node,
+        service=str(service or "-"),
+        destination=destination,
+        recipe_path=path,
+        finished_at=time.monotonic(),
+    )

@@ -1,0 +1,44 @@
+"""The errors raised by workflows-celery.
+
+Every class derives from :class:`workflows.Error`, so code that already catches
+workflows errors keeps working.
+"""
+
+from __future__ import annotations
+
+import workflows
+
+
+class WorkflowsCeleryError(workflows.Error):
+    """Base class of every error raised by workflows-celery."""
+
+
+class ConfigurationError(WorkflowsCeleryError):
+    """Raised when a setting, an option or a service name cannot be used."""
+
+
+class ServiceNotFoundError(ConfigurationError):
+    """Raised when a service name matches no entry point and no import path."""
+
+
+class InvalidRecipeError(WorkflowsCeleryError):
+    """Raised when a recipe cannot be parsed or fails validation.
+
+    The message starts with "Invalid recipe:", as the errors of workflows do.
+    """
+
+
+class MessageEncodeError(WorkflowsCeleryError):
+    """Raised to the sender when a message or its headers cannot be sent as JSON."""
+
+
+class InvalidSendOptionError(WorkflowsCeleryError):
+    """Raised when a send option (delay, expiration, transaction) has a bad value."""
+
+
+class TransportNotConnectedError(WorkflowsCeleryError, workflows.Disconnected):
+    """Raised when the broker cannot be reached or the connection was lost."""
+
+
+class UnknownSubscriptionError(WorkflowsCeleryError):
+    """Raised when an ack, nack or unsubscribe names no live subscription or message."""

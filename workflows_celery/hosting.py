@@ -1,0 +1,346 @@
+"""Workflows services hosted in a Celery worker process.
+
+Each worker process that executes steps holds its own instance of every hosted
+service (:class:`HostedService`), started with ``initializing()`` and stopped
+with ``in_shutdown()``. The subscriptions made in ``initializing()`` are bound
+to the process's :class:`Dispatcher`; every message then arrives as one
+execution of the step task, which hands it to the bound callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery, Task
+from celery.exceptions import Reject
+from workflows.services.common_service import CommonService
+
+from workflows_celery import logcontext
+from workflows_celery.errors import ConfigurationError
+from workflows_celery.messages import Destination, destination_from_kwargs
+from workflows_celery.transport import CeleryTransport, Settlement, SubscriptionBinder
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a worker waits before returning a message that no service in the
+#: process reads, so that it does not spin on it.
+NO_SUBSCRIBER_PAUSE_S = 1.0
+
+
+@dataclass
+class Handler:
+    """One subscription of one hosted service, as the dispatcher sees it."""
+
+    host: HostedService
+    transport: CeleryTransport
+    subscription_id: int
+    destination: Destination
+
+    @property
+    def acknowledgement(self) -> bool:
+        """True when the service must ack or nack each message itself."""
+        info = self.transport._info.get(self.subscription_id)
+        return bool(info and info.acknowledgement)
+
+
+class Dispatcher(SubscriptionBinder):
+    """Maps each destination to the subscriptions that receive its messages in this process."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[Destination, list[Handler]] = {}
+        self._lock = threading.Lock()
+        self.binding_host: HostedService | None = None
+
+    def bind(self, transport: CeleryTransport, subscription_id: int, destination: Destination) -> None:
+        host = self.binding_host
+        if host is None:
+            raise ConfigurationError(
+                f"Subscription to {destination} made outside a hosted service's start"
+            )
+        with self._lock:
+            handlers = self._handlers.setdefault(destination, [])
+            if handlers and not destination.is_topic:
+                logger.warning(
+                    "Both %s and %s subscribe to %s in this worker; each message "
+                    "goes to the first only",
+                    handlers[0].host.name,
+                    host.name,
+                    destination,
+                )
+            handlers.append(Handler(host, transport, subscription_id, destination))
+
+    def unbind(self, transport: CeleryTransport, subscription_id: int) -> None:
+        # NOTE: the worker keeps consuming the queue; messages that arrive for it
+        # afterwards are returned to the broker for another worker.
+        with self._lock:
+            for destination, handlers in list(self._handlers.items()):
+                handlers[:] = [
+                    h
+                    for h in handlers
+                    if not (h.transport is transport and h.subscription_id == subscription_id)
+                ]
+                if not handlers:
+                    del self._handlers[destination]
+
+    def handlers_for(self, destination: Destination) -> list[Handler]:
+        """Return the subscriptions that receive messages sent to ``destination``."""
+        with self._lock:
+            handlers = list(self._handlers.get(destination, ()))
+        if destination.is_topic:
+            return handlers
+        return handlers[:1]
+
+    def destinations(self) -> list[Destination]:
+        """Return every destination with at least one subscription."""
+        with self._lock:
+            return list(self._handlers)
+
+
+class HostedService:
+    """One instance of a workflows service living in one worker process.
+
+    Args:
+        app: The worker's Celery app.
+        service_class: The ``CommonService`` subclass to run, unmodified.
+        dispatcher: Where the service's subscriptions are bound.
+    """
+
+    def __init__(
+        self, app: Celery, service_class: type[CommonService], dispatcher: Dispatcher
+    ) -> None:
+        self.app = app
+        self.service_class = service_class
+        self.dispatcher = dispatcher
+        self.service: CommonService | None = None
+        self.transport: CeleryTransport | None = None
+        self.status = CommonService.SERVICE_STATUS_NEW
+        self.lock = threading.RLock()
+        self.last_activity = time.monotonic()
+        self.messages_processed = 0
+        self._stopping = threading.Event()
+        self._timer: threading.Thread | None = None
+
+    @property
+    def name(self) -> str:
+        """The service's human-readable name."""
+        if self.service is not None:
+            return str(self.service.get_name())
+        return str(getattr(self.service_class, "_service_name", self.service_class.__name__))
+
+    def start(self) -> None:
+        """Construct the service, run ``initializing()`` and start its idle timer."""
+        service = self.service_class(environment={})
+        transport = CeleryTransport(self.app)
+        transport.binder = self.dispatcher
+        service.transport = transport
+        service.log.setLevel(service.log_verbosity)
+        self.service, self.transport = service, transport
+        if not transport.connect():
+            raise ConfigurationError(f"Service {self.name} cannot reach the broker")
+
+        with self.lock:
+            self.status = CommonService.SERVICE_STATUS_STARTING
+            self.dispatcher.binding_host = self
+            try:
+                with logcontext.step_fields(service, workflows_service=self.name):
+                    service.initializing()
+            finally:
+                self.dispatcher.binding_host = None
+                # Later subscriptions (made while processing) use the transport's
+                # own consumer thread, as in any other process.
+                transport.binder = None
+            self.status = CommonService.SERVICE_STATUS_IDLE
+        self.last_activity = time.monotonic()
+        self._timer = threading.Thread(
+            target=self._run_idle_timer, name=f"{self.name} idle timer", daemon=True
+        )
+        self._timer.start()
+        logger.info("Started service %s (%s)", self.name, self.service_class.__name__)
+
+    def stop(self) -> None:
+        """Run ``in_shutdown()`` and close the service's connections."""
+        self._stopping.set()
+        service, transport = self.service, self.transport
+        if service is None or transport is None:
+            return
+        with self.lock:
+            self.status = CommonService.SERVICE_STATUS_SHUTDOWN
+            try:
+                with logcontext.step_fields(service, workflows_service=self.name):
+                    service.in_shutdown()
+                self.status = CommonService.SERVICE_STATUS_END
+            except Exception:
+                self.status = CommonService.SERVICE_STATUS_ERROR
+                logger.error("Service %s failed in in_shutdown()", self.name, exc_info=True)
+            finally:
+                transport.disconnect()
+        logger.info("Stopped service %s", self.name)
+
+    def run(self, function: Callable[[], Any], fields: Mapping[str, Any]) -> Any:
+        """Run a message callback with the service marked as processing."""
+        with self.lock:
+            self.status = CommonService.SERVICE_STATUS_PROCESSING
+            try:
+                with logcontext.step_fields(self.service, workflows_service=self.name, **fields):
+                    return function()
+            finally:
+                self.messages_processed += 1
+                self.last_activity = time.monotonic()
+                self.status = CommonService.SERVICE_STATUS_IDLE
+
+    def _run_idle_timer(self) -> None:
+        """Call the ``_register_idle`` callback after each idle period, as workflows does."""
+        while not self._stopping.is_set():
+            service = self.service
+            idle_time = getattr(service, "_idle_time", None)
+            callback = getattr(service, "_idle_callback", None)
+            if not idle_time or callback is None:
+                self._stopping.wait(0.5)
+                continue
+            due = self.last_activity + float(idle_time)
+            wait_s = due - time.monotonic()
+            if wait_s > 0:
+                self._stopping.wait(min(wait_s, 0.5))
+                continue
+            with self.lock:
+                if self._stopping.is_set():
+                    return
+                self.status = CommonService.SERVICE_STATUS_TIMER
+                try:
+                    with logcontext.step_fields(service, workflows_service=self.name):
+                        callback()
+                except Exception:
+                    logger.error("Idle timer of service %s failed", self.name, exc_info=True)
+                finally:
+                    self.last_activity = time.monotonic()
+                    self.status = CommonService.SERVICE_STATUS_IDLE
+
+
+@dataclass
+class AppState:
+    """What workflows-celery keeps for one Celery app in this process."""
+
+    service_names: list[Any] = field(default_factory=list)
+    function_steps: list[type[CommonService]] = field(default_factory=list)
+    dispatcher: Dispatcher = field(default_factory=Dispatcher)
+    hosts: list[HostedService] = field(default_factory=list)
+    service_classes: list[type[CommonService]] = field(default_factory=list)
+    #: True in a worker whose pool forks children that start their own services.
+    start_in_children: bool = False
+
+    def start_services(self, app: Celery) -> None:
+        """Start one instance of every hosted service in this process."""
+        logcontext.install()
+        for service_class in self.service_classes:
+            host = HostedService(app, service_class, self.dispatcher)
+            host.start()
+            self.hosts.append(host)
+
+    def stop_services(self) -> None:
+        """Stop every service started by :meth:`start_services`, newest first."""
+        while self.hosts:
+            self.hosts.pop().stop()
+
+
+_states: weakref.WeakKeyDictionary[Celery, AppState] = weakref.WeakKeyDictionary()
+
+
+def state_for(app: Celery) -> AppState:
+    """Return the workflows-celery state of ``app``, creating it on first use."""
+    state = _states.get(app)
+    if state is None:
+        state = _states[app] = AppState()
+    return state
+
+
+def run_step(task: Task, **kwargs: Any) -> None:
+    """Body of the step task: hand one message to the subscriptions of its destination."""
+    destination = destination_from_kwargs(kwargs)
+    if destination is None:
+        logger.error("Rejected a step message without queue or topic: %.1000r", kwargs)
+        raise Reject("message names no queue or topic", requeue=False)
+    headers = dict(kwargs.get("headers") or {})
+    message = kwargs.get("message")
+    request = task.request
+    handlers = state_for(task.app).dispatcher.handlers_for(destination)
+
+    if not handlers:
+        if destination.is_topic:
+            logger.debug("No subscriber to %s in this process; broadcast dropped", destination)
+            return
+        # NOTE: without a delivery limit a message nobody here serves goes back
+        # and forth; the pause keeps that from spinning, but dead-lettering such
+        # messages is not built yet.
+        logger.error(
+            "No service in this worker process reads %s; message %s returned to the "
+            "broker in %.0f s",
+            destination,
+            request.id,
+            NO_SUBSCRIBER_PAUSE_S,
+        )
+        time.sleep(NO_SUBSCRIBER_PAUSE_S)
+        raise Reject(f"no subscriber for {destination}", requeue=True)
+
+    fields = logcontext.recipe_fields(headers, message)
+    for handler in handlers:
+        outcome = _deliver(handler, request, destination, headers, message, fields)
+        if outcome is None or outcome.acked:
+            continue
+        if outcome.nacked:
+            logger.info(
+                "Message %s on %s rejected by %s%s",
+                request.id,
+                destination,
+                handler.host.name,
+                ", requeued" if outcome.requeue else "",
+            )
+            raise Reject(f"rejected by {handler.host.name}", requeue=outcome.requeue)
+        logger.warning(
+            "Service %s returned without ack or nack for message %s on %s; "
+            "the message goes back to the queue",
+            handler.host.name,
+            request.id,
+            destination,
+        )
+        raise Reject("neither acked nor nacked", requeue=True)
+
+
+def _deliver(
+    handler: Handler,
+    request: Any,
+    destination: Destination,
+    headers: dict[str, Any],
+    message: Any,
+    fields: Mapping[str, Any],
+) -> Settlement | None:
+    """Run one subscription's callback; return how an acknowledged message was settled."""
+    outcome = Settlement()
+
+    def settle(result: Settlement) -> None:
+        outcome.acked, outcome.nacked, outcome.requeue = result.acked, result.nacked, result.requeue
+
+    message_id = str(request.id)
+    try:
+        handler.host.run(
+            lambda: handler.transport.deliver(
+                handler.subscription_id,
+                destination,
+                headers,
+                message,
+                message_id=message_id,
+                delivery_info=request.delivery_info,
+                settle=settle,
+            ),
+            fields,
+        )
+    finally:
+        # NOTE: a service that acks later, after its callback returned, is not
+        # supported here: the step ends with the callback.
+        handler.transport.forget_delivery(handler.subscription_id, message_id)
+    return outcome if handler.acknowledgement else None

@@ -1,0 +1,106 @@
+"""The ``celery worker`` side: the ``--services`` option and the bootstep that hosts services.
+
+In the worker's main process the bootstep learns which queues and topics the
+services read and adds them to the queues the worker consumes. The services
+themselves run where the steps execute: in each prefork child (started on
+``worker_process_init``), or in the main process for the solo and threads pools.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import click
+from celery import Celery, bootsteps
+from celery.concurrency.prefork import TaskPool as PreforkPool
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from workflows_celery import routing
+from workflows_celery.constants import SETTING_SERVICES
+from workflows_celery.hosting import state_for
+from workflows_celery.messages import Destination
+from workflows_celery.services import discover_subscriptions, load_service, parse_service_names
+
+logger = logging.getLogger(__name__)
+
+SERVICES_OPTION = click.Option(
+    ["--services"],
+    default=None,
+    help=(
+        "Workflows services this worker hosts, comma separated: entry-point names "
+        "(e.g. SamplePipethrough) or import paths (package.module:Class). "
+        f"Default: the {SETTING_SERVICES} setting."
+    ),
+)
+
+#: Apps whose workers start services in each forked child.
+_forking_apps: list[Celery] = []
+
+
+class WorkflowsServices(bootsteps.StartStopStep):
+    """Worker bootstep that hosts workflows services and recipe step functions."""
+
+    label = "workflows services"
+
+    def __init__(self, worker: Any, services: Any = None, **options: Any) -> None:
+        app = worker.app
+        state = state_for(app)
+        names = parse_service_names(services) or parse_service_names(
+            app.conf.get(SETTING_SERVICES)
+        )
+        state.service_classes = [load_service(name) for name in names] + list(
+            state.function_steps
+        )
+        self.enabled = bool(state.service_classes)
+        if not self.enabled:
+            return
+
+        subscriber = f"{worker.hostname}.{uuid.uuid4().hex[:8]}"
+        destinations: dict[Destination, str] = {}
+        for service_class in state.service_classes:
+            for destination in discover_subscriptions(app, service_class):
+                destinations.setdefault(destination, service_class.__name__)
+        for destination, service_name in destinations.items():
+            if destination.is_topic:
+                queue = routing.topic_queue(destination.name, subscriber)
+            else:
+                queue = routing.task_queue(destination.name)
+            app.amqp.queues.select_add(queue)
+            logger.info("Worker consumes %s for %s", destination, service_name)
+
+        state.start_in_children = issubclass(worker.pool_cls, PreforkPool)
+        if state.start_in_children and app not in _forking_apps:
+            _forking_apps.append(app)
+
+    def start(self, worker: Any) -> None:
+        state = state_for(worker.app)
+        if self.enabled and not state.start_in_children:
+            state.start_services(worker.app)
+
+    def stop(self, worker: Any) -> None:
+        state = state_for(worker.app)
+        if self.enabled and not state.start_in_children:
+            state.stop_services()
+
+    shutdown = stop
+
+
+def install_worker_support(app: Celery) -> None:
+    """Add the ``--services`` option and the hosting bootstep to ``app``'s workers."""
+    if WorkflowsServices not in app.steps["worker"]:
+        app.user_options["worker"].add(SERVICES_OPTION)
+        app.steps["worker"].add(WorkflowsServices)
+
+
+@worker_process_init.connect
+def _start_services_in_child(**_: Any) -> None:
+    for app in _forking_apps:
+        state_for(app).start_services(app)
+
+
+@worker_process_shutdown.connect
+def _stop_services_in_child(**_: Any) -> None:
+    for app in _forking_apps:
+        state_for(app).stop_services()
