@@ -15,9 +15,12 @@ from contextlib import contextmanager
 from typing import Any
 
 from celery import Celery, states
+from celery import _state as celery_state
 from celery.signals import after_task_publish, task_postrun, task_revoked
-from celery.worker import WorkController
+from celery.utils import timer2
+from celery.worker import WorkController, loops
 from celery.worker import state as worker_state
+from celery.worker.consumer import Consumer
 from workflows.services.common_service import CommonService
 
 from workflows_celery.application import create_app
@@ -34,8 +37,65 @@ EMBEDDED_POLL_INTERVAL_S = 0.005
 #: Seconds to wait for the in-process worker to start consuming.
 WORKER_START_TIMEOUT_S = 30.0
 
+#: Seconds one wait for messages in the worker's loop, or for due delayed
+#: messages in its timer thread, may last. This bounds how long the worker
+#: takes to notice that it should stop.
+EMBEDDED_WAIT_S = 0.05
 
-class _EmbeddedWorkController(WorkController):  # type: ignore[misc]
+
+class _ShortDrainConnection:
+    """A kombu connection whose ``drain_events`` waits at most ``EMBEDDED_WAIT_S``."""
+
+    def __init__(self, connection: Any) -> None:
+        self._connection = connection
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connection, name)
+
+    def drain_events(self, timeout: float | None = None, **kwargs: Any) -> Any:
+        if timeout is None or timeout > EMBEDDED_WAIT_S:
+            timeout = EMBEDDED_WAIT_S
+        return self._connection.drain_events(timeout=timeout, **kwargs)
+
+
+class _EmbeddedConsumer(Consumer):
+    """A worker consumer that stops within a fraction of a second.
+
+    kombu's in-memory transport has no event loop support, so Celery runs
+    ``celery.worker.loops.synloop``. In Celery 5.7 each of its cycles waits up
+    to 2 s for messages, and it runs one more cycle after it sees the shutdown
+    flag, so with those waits leaving ``embedded_worker`` would take about 4 s.
+    """
+
+    def loop_args(self) -> tuple[Any, ...]:
+        args = list(super().loop_args())
+        if self.loop is loops.synloop:
+            args[1] = _ShortDrainConnection(args[1])
+        return tuple(args)
+
+
+class _EmbeddedTimer(timer2.Timer):
+    """The worker's timer thread for delayed messages, waking every ``EMBEDDED_WAIT_S``.
+
+    In Celery 5.7 an idle ``celery.utils.timer2.Timer`` waits up to 1 s for a
+    new entry and checks for shutdown only between waits, so stopping it could
+    take a second.
+    """
+
+    def _next_entry(self) -> float | None:
+        # Celery's own ``Timer._next_entry``, with a shorter wait.
+        with self.not_empty:
+            delay, entry = next(self.scheduler)
+            if entry is None:
+                if delay is None:
+                    self.not_empty.wait(EMBEDDED_WAIT_S)
+                return delay
+        return self.schedule.apply_entry(entry)
+
+    __next__ = next = _next_entry
+
+
+class _EmbeddedWorkController(WorkController):
     """A worker that tells when its consumer is ready."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -156,6 +216,9 @@ def embedded_worker(
         without_mingle=True,
         without_gossip=True,
         ready_callback=None,
+        consumer_cls=_EmbeddedConsumer,
+        timer_cls=_EmbeddedTimer,
+        timer_precision=EMBEDDED_WAIT_S,
         services=services,
         quiet=True,
     )
@@ -168,6 +231,7 @@ def embedded_worker(
         app.set_current()
         worker.start()
 
+    previous_default_app = celery_state.default_app
     thread = threading.Thread(target=work, name="embedded worker", daemon=True)
     thread.start()
     try:
@@ -178,6 +242,9 @@ def embedded_worker(
         worker_state.should_terminate = 0
         thread.join(30)
         worker_state.should_terminate = None
+        # Otherwise ``celery.current_app`` would stay this stopped app in every
+        # thread that has no current app of its own.
+        celery_state.set_default_app(previous_default_app)
         tracker.disconnect()
 
 

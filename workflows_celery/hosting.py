@@ -45,8 +45,7 @@ class Handler:
     @property
     def acknowledgement(self) -> bool:
         """True when the service must ack or nack each message itself."""
-        info = self.transport._info.get(self.subscription_id)
-        return bool(info and info.acknowledgement)
+        return self.transport.requires_ack(self.subscription_id)
 
 
 class Dispatcher(SubscriptionBinder):

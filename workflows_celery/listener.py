@@ -37,6 +37,9 @@ POLL_INTERVAL_S = 0.05
 #: Seconds between attempts to reach the broker again after a connection loss.
 RECONNECT_INTERVAL_S = 1.0
 
+#: Seconds to wait for Redis to confirm a topic subscription (PSUBSCRIBE).
+SUBSCRIBE_CONFIRM_TIMEOUT_S = 5.0
+
 DeliveryHandler = Callable[[int, Destination, dict[str, Any], Any, Message], None]
 
 
@@ -46,6 +49,8 @@ class _Subscription:
     prefetch_count: int
     auto_ack: bool
     consumer: Consumer | None = None
+    #: Messages received but held back until their ETA.
+    held_for_eta: int = 0
 
 
 def _parse_time(value: Any) -> float | None:
@@ -148,8 +153,22 @@ class Listener(threading.Thread):
                 )
                 self._close_connection()
                 self._stopping.wait(RECONNECT_INTERVAL_S)
+        self._settle_before_closing()
         self._close_connection()
         self._fail_pending_requests()
+
+    def _settle_before_closing(self) -> None:
+        """Run requests posted before ``stop()``, such as acks, before the connection closes."""
+        if self._connection is None:
+            return
+        try:
+            self._run_requests()
+        except self._connection_errors() as error:
+            logger.warning(
+                "Lost the broker connection while stopping (%s); unsettled messages "
+                "will be delivered again",
+                error,
+            )
 
     def _connect(self) -> None:
         self._connection = self._app.connection_for_read()
@@ -217,9 +236,52 @@ class Listener(threading.Thread):
             callbacks=[lambda body, message: self._receive(subscription_id, body, message)],
             on_decode_error=self._reject_undecodable,
         )
-        consumer.qos(prefetch_count=subscription.prefetch_count)
-        consumer.consume()
         subscription.consumer = consumer
+        subscription.held_for_eta = 0
+        self._apply_prefetch(subscription)
+        consumer.consume()
+        self._confirm_topic_subscription(consumer)
+
+    def _apply_prefetch(self, subscription: _Subscription) -> None:
+        """Set the prefetch limit, raised by one for every message held until its ETA.
+
+        Without the raise a held message takes the only prefetch slot and blocks
+        every later message on the queue until its ETA. Celery's worker raises its
+        limit for ETA tasks in the same way. RabbitMQ applies a per-consumer limit
+        only to consumers started after it is set (kombu reports this as
+        ``qos_semantics_matches_spec`` False), so there the limit is set on the
+        channel, which has this one consumer, as Celery's worker also does.
+        """
+        if subscription.consumer is None:
+            return
+        subscription.consumer.qos(
+            prefetch_count=subscription.prefetch_count + subscription.held_for_eta,
+            apply_global=not self._connection.qos_semantics_matches_spec,
+        )
+
+    @staticmethod
+    def _confirm_topic_subscription(consumer: Consumer) -> None:
+        """Subscribe a Redis topic queue now and wait until Redis confirms it.
+
+        kombu's Redis transport sends PSUBSCRIBE only at its next poll, and
+        Redis drops a broadcast published before that, so a broadcast sent right
+        after ``subscribe_broadcast`` returned could be lost.
+        """
+        channel: Any = consumer.channel
+        poller = getattr(channel.connection, "cycle", None)
+        register_listen = getattr(poller, "_register_LISTEN", None)
+        if not getattr(channel, "active_fanout_queues", None) or register_listen is None:
+            return
+        # NOTE: kombu offers no public call for this. ``_register_LISTEN`` is
+        # what kombu.transport.redis (5.x) runs at the start of its next poll,
+        # and it does nothing there once the channel is subscribed.
+        register_listen(channel)
+        if not channel.subclient.connection.can_read(timeout=SUBSCRIBE_CONFIRM_TIMEOUT_S):
+            logger.warning(
+                "Redis did not confirm the topic subscription within %.0f s; "
+                "broadcasts sent meanwhile may be missed",
+                SUBSCRIBE_CONFIRM_TIMEOUT_S,
+            )
 
     # -- Messages -------------------------------------------------------------
 
@@ -250,6 +312,10 @@ class Listener(threading.Thread):
             heapq.heappush(
                 self._delayed, (eta, next(self._delay_order), subscription_id, message)
             )
+            subscription = self._subscriptions.get(subscription_id)
+            if subscription is not None:
+                subscription.held_for_eta += 1
+                self._apply_prefetch(subscription)
             return
         self._hand_over(subscription_id, body, message)
 
@@ -257,8 +323,13 @@ class Listener(threading.Thread):
         now = time.time()
         while self._delayed and self._delayed[0][0] <= now:
             _, _, subscription_id, message = heapq.heappop(self._delayed)
-            if subscription_id in self._subscriptions:
-                self._hand_over(subscription_id, message.decode(), message)
+            subscription = self._subscriptions.get(subscription_id)
+            if subscription is not None and subscription.held_for_eta > 0:
+                subscription.held_for_eta -= 1
+                self._apply_prefetch(subscription)
+            # A message of a cancelled subscription is requeued by _hand_over
+            # rather than left unacknowledged until the connection closes.
+            self._hand_over(subscription_id, message.decode(), message)
 
     def _hand_over(self, subscription_id: int, body: Any, message: Message) -> None:
         subscription = self._subscriptions.get(subscription_id)

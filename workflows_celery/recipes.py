@@ -79,12 +79,24 @@ def load_recipe(source: RecipeSource, origin: str | None = None) -> Recipe:
 
 
 def _build(data: dict[str, Any], origin: str) -> Recipe:
-    for key in data:
-        if key not in ("start", "error") and not str(key).strip().lstrip("-").isdigit():
+    for key, value in data.items():
+        if key in ("start", "error"):
+            continue
+        if not str(key).strip().lstrip("-").isdigit():
             raise InvalidRecipeError(
                 f'Invalid recipe: Node "{key}" is not numeric (in {origin}); '
                 'nodes are numbered, e.g. "1", besides "start" and "error"'
             )
+        if not isinstance(value, Mapping):
+            raise InvalidRecipeError(
+                f'Invalid recipe: Node "{key}" is a JSON {type(value).__name__} (in {origin}); '
+                'expected an object such as {"queue": "name"}'
+            )
+    if "start" in data and not isinstance(data["start"], (list, tuple)):
+        raise InvalidRecipeError(
+            f'Invalid recipe: "start" node is a JSON {type(data["start"]).__name__} '
+            f"(in {origin}); expected a list of [node, payload] pairs"
+        )
     try:
         return Recipe(data)
     except (TypeError, ValueError, AttributeError) as error:

@@ -9,6 +9,7 @@ from typing import Any
 
 from celery import Celery
 from workflows.services.common_service import CommonService
+from workflows.transport.common_transport import CommonTransport
 
 from workflows_celery.errors import ConfigurationError, ServiceNotFoundError
 from workflows_celery.messages import Destination
@@ -66,6 +67,21 @@ def _check_service_class(candidate: Any, name: str) -> type[CommonService]:
             "workflows.services.common_service.CommonService"
         )
     return candidate
+
+
+def transport_of(service: CommonService) -> CommonTransport:
+    """Return the transport a started service uses.
+
+    Raises:
+        ConfigurationError: the service was started without a transport.
+    """
+    transport = service._transport
+    if transport is None:
+        raise ConfigurationError(
+            f"Service {type(service).__name__} has no transport; start it through a "
+            "worker or set service.transport first"
+        )
+    return transport
 
 
 def parse_service_names(value: Any) -> list[str | type[CommonService]]:

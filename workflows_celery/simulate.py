@@ -16,6 +16,7 @@ from workflows.recipe.wrapper import RecipeWrapper
 from workflows.services.common_service import CommonService
 
 from workflows_celery.messages import Destination
+from workflows_celery.services import transport_of
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def make_stand_in(recipe: Recipe) -> type[CommonService]:
                     else workflows.recipe.wrap_subscribe
                 )
                 subscribe(
-                    self._transport,
+                    transport_of(self),
                     destination.name,
                     self._make_callback(destination),
                     log_extender=self.extend_log,

@@ -11,11 +11,15 @@ from celery import Celery
 from workflows.recipe.wrapper import RecipeWrapper
 from workflows.services.common_service import CommonService
 
+from workflows_celery.services import transport_of
+
 logger = logging.getLogger(__name__)
 
 
 class StepFunction(Protocol):
     """A recipe step: receives the recipe wrapper, the headers and the payload."""
+
+    __name__: str
 
     def __call__(self, rw: RecipeWrapper, header: dict[str, Any], payload: Any) -> None: ...
 
@@ -35,7 +39,7 @@ class FunctionStepService(CommonService):
 
     def initializing(self) -> None:
         self._subscription = workflows.recipe.wrap_subscribe(
-            self._transport,
+            transport_of(self),
             self.step_queue,
             self._process,
             acknowledgement=True,
@@ -52,10 +56,10 @@ class FunctionStepService(CommonService):
                 header.get("message-id"),
                 self.step_queue,
             )
-            self._transport.nack(header, requeue=False)
+            transport_of(self).nack(header, requeue=False)
             return
         type(self).step_function(rw, header, payload)
-        self._transport.ack(header)
+        transport_of(self).ack(header)
 
 
 def recipe_step(

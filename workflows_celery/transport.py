@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kombu.exceptions
+import kombu.utils.json
 from celery import Celery
 from kombu.message import Message
 from workflows.transport.common_transport import CommonTransport, MessageCallback
@@ -70,7 +71,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Settlement:
-    """How a received message was settled by the service: acked, nacked or neither."""
+    """The outcome of a received message: acked, nacked or neither."""
 
     acked: bool = False
     nacked: bool = False
@@ -282,7 +283,7 @@ class CeleryTransport(CommonTransport):
             None,
         )
 
-    def broadcast_status(self, status: dict[str, Any]) -> None:
+    def broadcast_status(self, status: Mapping[str, Any]) -> None:
         """Broadcast a service status on the ``transient.status`` topic for 15 s."""
         missing = {"host", "workflows", "status"} - status.keys()
         if missing:
@@ -290,7 +291,7 @@ class CeleryTransport(CommonTransport):
                 "Missing required field(s) for status broadcast: "
                 + ", ".join(sorted(missing))
             )
-        self._broadcast(STATUS_TOPIC, status, expiration=STATUS_EXPIRATION_S)
+        self._broadcast(STATUS_TOPIC, dict(status), expiration=STATUS_EXPIRATION_S)
 
     def _enqueue(
         self,
@@ -311,8 +312,8 @@ class CeleryTransport(CommonTransport):
             exchange=exchange,
         )
         if transaction is not None:
-            # Checked now, so the sender gets the error at the send and not at
-            # the commit; an immediate send is checked by kombu as it encodes.
+            # Checked now, so that the sender gets the error at the send and not
+            # at the commit. kombu checks an immediate send as it encodes it.
             _check_serialisable(outgoing)
             self._transaction(transaction).sends.append(outgoing)
             return
@@ -327,7 +328,10 @@ class CeleryTransport(CommonTransport):
             for outgoing in messages:
                 logger.debug("Dry run: not sending to %s", outgoing.destination)
             return
+        if not messages:
+            return
         app = self.app
+        outgoing = messages[0]
         try:
             with app.producer_or_acquire() as producer:
                 for outgoing in messages:
@@ -482,6 +486,11 @@ class CeleryTransport(CommonTransport):
             self._deliveries[(subscription_id, message_id)] = _Delivery(subscription_id, settle)
         self.subscription_callback(subscription_id)(header, message)
 
+    def requires_ack(self, subscription_id: int) -> bool:
+        """Tell whether the service must ack or nack each message of a subscription."""
+        info = self._info.get(subscription_id)
+        return bool(info and info.acknowledgement)
+
     def forget_delivery(self, subscription_id: int, message_id: str) -> bool:
         """Drop the record of an unsettled message; return True if there was one."""
         return self._deliveries.pop((subscription_id, message_id), None) is not None
@@ -613,15 +622,17 @@ class CeleryTransport(CommonTransport):
 
 
 def _check_serialisable(outgoing: OutgoingMessage) -> None:
+    # kombu's encoder, as used by the JSON serialiser when publishing, so a
+    # transaction accepts the same values (Decimal, datetime, UUID) as a send.
     try:
-        json.dumps(outgoing.headers)
+        kombu.utils.json.dumps(outgoing.headers)
     except (TypeError, ValueError) as error:
         raise MessageEncodeError(
             f"Cannot send to {outgoing.destination}: the headers are not JSON "
             f"serialisable ({error}); use string keys and JSON values"
         ) from error
     try:
-        json.dumps(outgoing.message)
+        kombu.utils.json.dumps(outgoing.message)
     except (TypeError, ValueError) as error:
         raise MessageEncodeError(
             f"Cannot send to {outgoing.destination}: the message is not JSON "

@@ -1,0 +1,46 @@
+"""Services that the worker tests load by import path (``tests.services_for_tests:Name``).
+
+The worker subprocess imports this module, so it must not import anything from
+the test suite itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+from workflows.services.common_service import CommonService
+
+#: Environment variable naming the folder where ``LifecycleMarker`` writes its markers.
+MARKER_DIR_VARIABLE = "WORKFLOWS_CELERY_TEST_MARKER_DIR"
+
+
+class LifecycleMarker(CommonService):
+    """Write a marker file each time ``initializing()`` or ``in_shutdown()`` runs.
+
+    Each marker is a JSON file with the event, the process ID and whether the
+    service ran on a dry-run transport (the worker's main process does that once
+    to learn which queues the service reads).
+    """
+
+    _service_name = "Lifecycle marker"
+    _logger_name = "workflows.service.lifecycle_marker"
+
+    def initializing(self) -> None:
+        self._write_marker("initializing")
+
+    def in_shutdown(self) -> None:
+        self._write_marker("in_shutdown")
+
+    def _write_marker(self, event: str) -> None:
+        folder = Path(os.environ[MARKER_DIR_VARIABLE])
+        marker = {
+            "event": event,
+            "pid": os.getpid(),
+            "dry_run": bool(getattr(self._transport, "dry_run", False)),
+        }
+        path = folder / f"{event}.{os.getpid()}.{uuid.uuid4().hex}.json"
+        path.write_text(json.dumps(marker))
+        self.log.info("Wrote marker %s", path.name)

@@ -1,0 +1,697 @@
+"""Workflows services hosted by a real ``celery worker`` on the real brokers.
+
+Workers run as subprocesses (``celery -A workflows_celery worker --services ...``)
+against Redis and RabbitMQ. The sample services read the fixed queues
+``transient.destination`` and ``transient.transaction``, so at most one worker
+runs per broker at a time and each test purges those queues before it starts.
+Two runs of this module on one machine take turns through a file lock.
+
+The tests of logging and of ``recipe_step`` run an embedded worker in this
+process instead, on kombu's in-memory broker.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import workflows.recipe
+from celery import Celery
+from kombu import Connection
+from workflows.recipe.wrapper import RecipeWrapper
+from workflows.services.common_service import CommonService
+
+from workflows_celery import (
+    CeleryTransport,
+    create_app,
+    recipe_step,
+    routing,
+    setup_app,
+    start_recipe,
+)
+from workflows_celery.embedded import embedded_worker
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: Queues that the sample services read and write. Their names are fixed.
+DESTINATION_QUEUE = "transient.destination"
+TRANSACTION_QUEUE = "transient.transaction"
+
+#: Seconds a worker may take to log that it is ready.
+WORKER_READY_TIMEOUT_S = 60.0
+#: Seconds a worker may take to exit after SIGTERM before it gets SIGKILL.
+WORKER_STOP_TIMEOUT_S = 30.0
+#: Seconds a message may take to pass through a running worker.
+DELIVERY_TIMEOUT_S = 30.0
+#: Child processes of a prefork worker (``-c``). Each child hosts its own services.
+PREFORK_CONCURRENCY = 2
+
+#: Seconds to wait for another run of these tests to release the sample queues.
+QUEUE_LOCK_TIMEOUT_S = 150.0
+#: File locked while a run of these tests uses the sample services' queues.
+QUEUE_LOCK_PATH = Path(tempfile.gettempdir()) / "workflows-celery-test-sample-queues.lock"
+
+# Waiting for another run (QUEUE_LOCK_TIMEOUT_S) counts towards the first
+# test's timeout, so the default timeout of 120 s is raised here.
+pytestmark = pytest.mark.timeout(QUEUE_LOCK_TIMEOUT_S + 120)
+
+#: Environment variable read by ``tests.services_for_tests.LifecycleMarker``.
+MARKER_DIR_VARIABLE = "WORKFLOWS_CELERY_TEST_MARKER_DIR"
+LIFECYCLE_SERVICE = "tests.services_for_tests:LifecycleMarker"
+
+
+# -- Worker subprocesses ------------------------------------------------------
+
+
+class WorkerProcess:
+    """A ``celery worker`` subprocess whose output goes to a file.
+
+    Args:
+        broker_url: Broker the worker connects to (``-b``).
+        services: Value of ``--services``, or ``None`` to leave the option out.
+        pool: Celery pool (``-P``).
+        app_module: Value of ``-A``.
+        log_dir: Folder for the output file.
+        env: Extra environment variables for the worker.
+    """
+
+    def __init__(
+        self,
+        broker_url: str,
+        services: list[str] | None,
+        pool: str,
+        app_module: str,
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.node_name = f"test-{uuid.uuid4().hex[:12]}"
+        self.pool = pool
+        self.services = services
+        self.command = [
+            sys.executable, "-m", "celery",
+            "-A", app_module,
+            "-b", broker_url,
+            "worker",
+        ]
+        if services is not None:
+            self.command += ["--services", ",".join(services)]
+        self.command += [
+            "-P", pool,
+            "-c", str(PREFORK_CONCURRENCY),
+            "-l", "INFO",
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "-n", f"{self.node_name}@%h",
+        ]  # fmt: skip
+        self.log_path = log_dir / f"{self.node_name}.log"
+        self.env = {
+            **os.environ,
+            # The worker imports test helpers as ``tests.<module>``.
+            "PYTHONPATH": os.pathsep.join(
+                part for part in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if part
+            ),
+            **(env or {}),
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        """The PID of the worker's main process."""
+        assert self.process is not None, "worker not started"
+        return self.process.pid
+
+    def start(self) -> None:
+        """Start the subprocess without waiting for it to be ready."""
+        with self.log_path.open("wb") as log_file:
+            self.process = subprocess.Popen(
+                self.command,
+                cwd=REPO_ROOT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+
+    def output(self) -> str:
+        """Return everything the worker wrote so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def describe(self) -> str:
+        """Return the command, the exit code if any, and the output, for failure messages."""
+        returncode = None if self.process is None else self.process.poll()
+        return (
+            f"worker command: {' '.join(self.command)}\n"
+            f"exit code: {returncode}\n"
+            f"--- worker output ({self.log_path}) ---\n{self.output()}"
+        )
+
+    def is_running(self) -> bool:
+        """Tell whether the subprocess has been started and has not exited."""
+        return self.process is not None and self.process.poll() is None
+
+    def wait_for_output(self, pattern: str, count: int = 1, timeout_s: float = 30.0) -> None:
+        """Wait until ``pattern`` (a regular expression) matches ``count`` times in the output.
+
+        Raises:
+            AssertionError: the worker exited or the wait timed out.
+        """
+        regex = re.compile(pattern, re.MULTILINE)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if len(regex.findall(self.output())) >= count:
+                return
+            if not self.is_running():
+                break
+            time.sleep(0.1)
+        if len(regex.findall(self.output())) >= count:
+            return
+        state = "exited" if not self.is_running() else f"timed out after {timeout_s:.0f} s"
+        raise AssertionError(
+            f"worker {state} before {pattern!r} appeared {count} time(s) in its output\n"
+            + self.describe()
+        )
+
+    def wait_until_ready(self) -> None:
+        """Wait until the worker is ready and every hosted service has started."""
+        self.wait_for_output(
+            rf"{re.escape(self.node_name)}@\S+ ready\.", timeout_s=WORKER_READY_TIMEOUT_S
+        )
+        if self.services is not None:
+            processes = PREFORK_CONCURRENCY if self.pool == "prefork" else 1
+            self.wait_for_output(
+                r"Started service ",
+                count=processes * len(self.services),
+                timeout_s=WORKER_READY_TIMEOUT_S,
+            )
+
+    def stop(self) -> int | None:
+        """Stop the worker with SIGTERM, or SIGKILL after a timeout, and return its exit code."""
+        process = self.process
+        if process is None:
+            return None
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGTERM)
+            try:
+                process.wait(WORKER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait(10)
+        return process.returncode
+
+
+class Workers:
+    """Worker subprocesses shared by the tests, at most one per broker at a time.
+
+    A test requests a worker with :meth:`get`. A running worker with the same
+    options on that broker is reused, and any other worker on that broker is
+    stopped first, because two workers would share the sample services' queues.
+    """
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self._running: dict[str, tuple[tuple[Any, ...], WorkerProcess]] = {}
+        #: Workers the current test used, whose output is shown when it fails.
+        self.used: list[WorkerProcess] = []
+
+    def get(
+        self,
+        broker_url: str,
+        services: list[str] | None,
+        *,
+        pool: str = "prefork",
+        app_module: str = "workflows_celery",
+        env: dict[str, str] | None = None,
+    ) -> WorkerProcess:
+        """Return a ready worker with these options on ``broker_url``."""
+        services_key = None if services is None else tuple(services)
+        key = (services_key, pool, app_module, tuple(sorted((env or {}).items())))
+        current = self._running.get(broker_url)
+        if current is not None and current[0] == key and current[1].is_running():
+            worker = current[1]
+        else:
+            self.stop(broker_url)
+            # Messages left by the stopped worker (a producer's, for example)
+            # must not reach the new one.
+            purge_queues(broker_url, DESTINATION_QUEUE, TRANSACTION_QUEUE)
+            worker = WorkerProcess(broker_url, services, pool, app_module, self.log_dir, env)
+            self.used.append(worker)
+            worker.start()
+            self._running[broker_url] = (key, worker)
+            worker.wait_until_ready()
+        if worker not in self.used:
+            self.used.append(worker)
+        return worker
+
+    def stop(self, broker_url: str) -> int | None:
+        """Stop the worker running on ``broker_url``, if any, and return its exit code."""
+        current = self._running.pop(broker_url, None)
+        if current is None:
+            return None
+        return current[1].stop()
+
+    def stop_all(self) -> None:
+        """Stop every worker."""
+        for broker_url in list(self._running):
+            self.stop(broker_url)
+
+
+class _WorkerOutputOnFailure:
+    """pytest plugin that adds the output of a failed test's workers to its report."""
+
+    def __init__(self, workers: Workers) -> None:
+        self.workers = workers
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+        report = yield
+        if report.when == "call" and report.failed:
+            for worker in self.workers.used:
+                report.sections.append(
+                    (f"Captured output of worker {worker.node_name}", worker.describe())
+                )
+        return report
+
+
+@contextmanager
+def exclusive_sample_queues() -> Iterator[None]:
+    """Hold a file lock so that two runs of these tests on one machine take turns.
+
+    Both runs would otherwise consume and purge the same fixed queues. The
+    operating system releases the lock if the holding process dies.
+
+    Raises:
+        pytest.fail.Exception: the lock is still held after ``QUEUE_LOCK_TIMEOUT_S``.
+    """
+    with QUEUE_LOCK_PATH.open("a") as lock_file:
+        deadline = time.monotonic() + QUEUE_LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail(
+                        f"Timed out after {QUEUE_LOCK_TIMEOUT_S:.0f} s waiting for another run "
+                        f"of these tests to release {QUEUE_LOCK_PATH}; stop that run and retry"
+                    )
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="module")
+def workers(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Workers]:
+    """The worker subprocesses of this module, stopped when its tests are done."""
+    shared = Workers(tmp_path_factory.mktemp("worker-logs"))
+    plugin = _WorkerOutputOnFailure(shared)
+    with exclusive_sample_queues():
+        request.config.pluginmanager.register(plugin)
+        try:
+            yield shared
+        finally:
+            shared.stop_all()
+            request.config.pluginmanager.unregister(plugin)
+
+
+@pytest.fixture(autouse=True)
+def _reset_used_workers(request: pytest.FixtureRequest) -> None:
+    if "workers" in request.fixturenames:
+        request.getfixturevalue("workers").used.clear()
+
+
+# -- Broker helpers -----------------------------------------------------------
+
+
+def purge_queues(broker_url: str, *names: str) -> None:
+    """Empty durable workflows queues, declaring them first if they are missing."""
+    with Connection(broker_url) as connection:
+        channel = connection.default_channel
+        for name in names:
+            queue = routing.task_queue(name).bind(channel)
+            queue.declare()
+            queue.purge()
+
+
+def delete_queue(broker_url: str, name: str) -> None:
+    """Delete a queue that a test made, ignoring a queue that is already gone."""
+    with Connection(broker_url) as connection:
+        try:
+            routing.task_queue(name).bind(connection.default_channel).delete()
+        except connection.channel_errors:
+            pass
+
+
+class Collector:
+    """A subscription callback that stores every call's arguments."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self._condition = threading.Condition()
+
+    def __call__(self, *args: Any) -> None:
+        with self._condition:
+            self.calls.append(args)
+            self._condition.notify_all()
+
+    def wait_for(
+        self, predicate: Callable[[list[tuple[Any, ...]]], bool], timeout_s: float
+    ) -> bool:
+        """Wait until ``predicate(calls)`` is true, and return False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._condition:
+            while not predicate(self.calls):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._condition.wait(remaining)
+            return True
+
+    def snapshot(self) -> list[tuple[Any, ...]]:
+        """Return a copy of the calls so far."""
+        with self._condition:
+            return list(self.calls)
+
+
+class Client:
+    """The test's own connection to a broker: sends, subscriptions and recipe starts."""
+
+    def __init__(self, broker_url: str) -> None:
+        self.broker_url = broker_url
+        self.app = create_app(broker_url, main=f"tests.client.{uuid.uuid4().hex[:8]}")
+        self.transport = CeleryTransport(self.app)
+        assert self.transport.connect(), f"cannot connect to {broker_url}"
+        self.queues_to_delete: list[str] = []
+
+    def subscribe(self, queue: str) -> Collector:
+        """Collect ``(header, message)`` of every message on ``queue``."""
+        collector = Collector()
+        self.transport.subscribe(queue, collector)
+        return collector
+
+    def subscribe_recipe(self, queue: str) -> Collector:
+        """Collect ``(recipe_wrapper, header, payload)`` of every recipe message on ``queue``."""
+        collector = Collector()
+        workflows.recipe.wrap_subscribe(self.transport, queue, collector)
+        return collector
+
+    def close(self) -> None:
+        self.transport.disconnect()
+        for queue in self.queues_to_delete:
+            delete_queue(self.broker_url, queue)
+        self.app.close()
+
+
+@pytest.fixture
+def client(broker_url: str) -> Iterator[Client]:
+    """A connection to the test's broker, made after purging the sample services' queues."""
+    purge_queues(broker_url, DESTINATION_QUEUE, TRANSACTION_QUEUE)
+    connection = Client(broker_url)
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+def pipethrough_recipe(final_queue: str, unique: str) -> dict[str, Any]:
+    """Return a recipe of three Message Pipethrough steps that ends on ``final_queue``."""
+    return {
+        "1": {"service": "Message Pipethrough", "queue": DESTINATION_QUEUE, "output": 2},
+        "2": {"service": "Message Pipethrough", "queue": DESTINATION_QUEUE, "output": 3},
+        "3": {"service": "Message Pipethrough", "queue": DESTINATION_QUEUE, "output": 4},
+        "4": {"service": "Test collector", "queue": final_queue},
+        "start": [[1, {"test": unique}]],
+    }
+
+
+def check_pipethrough_run(client: Client, worker: WorkerProcess, unique: str) -> None:
+    """Run the three-step Pipethrough recipe through ``worker`` and check its final message."""
+    final_queue = f"workflows_celery.test.final.{unique}"
+    client.queues_to_delete.append(final_queue)
+    collector = client.subscribe_recipe(final_queue)
+
+    run_id = start_recipe(pipethrough_recipe(final_queue, unique), app=client.app)
+
+    arrived = collector.wait_for(lambda calls: len(calls) >= 1, DELIVERY_TIMEOUT_S)
+    assert arrived, f"no message reached {final_queue} within {DELIVERY_TIMEOUT_S:.0f} s"
+    rw, header, payload = collector.snapshot()[0]
+    assert rw is not None, f"the final message is not a recipe message: {header}"
+    assert rw.environment["ID"] == run_id
+    assert rw.recipe_pointer == 4
+    assert rw.recipe_path == [1, 2, 3]
+    assert payload == 0
+    # SamplePipethrough logs each message it processes, so once per step.
+    worker.wait_for_output(r"=== Consume ====", count=3, timeout_s=5)
+
+
+# -- Sample services in a worker subprocess --------------------------------------
+
+
+@pytest.mark.parametrize("pool", ["prefork", "solo"])
+def test_pipethrough_recipe_three_steps(
+    workers: Workers, client: Client, broker_url: str, pool: str, unique: str
+) -> None:
+    worker = workers.get(broker_url, ["SamplePipethrough"], pool=pool)
+
+    check_pipethrough_run(client, worker, unique)
+
+
+def test_consumer_logs_received_message(
+    workers: Workers, client: Client, broker_url: str, unique: str
+) -> None:
+    worker = workers.get(broker_url, ["SampleConsumer"])
+    text = f"hello consumer {unique}"
+
+    client.transport.send(DESTINATION_QUEUE, text)
+
+    worker.wait_for_output(
+        rf"=== Consume ====(.|\n)*?{re.escape(text)}\nReceived message @",
+        timeout_s=DELIVERY_TIMEOUT_S,
+    )
+
+
+def test_producer_timer_sends_to_destination(
+    workers: Workers, client: Client, broker_url: str
+) -> None:
+    worker = workers.get(broker_url, ["SampleProducer", "SampleTxnProducer"])
+    collector = client.subscribe(DESTINATION_QUEUE)
+
+    # SampleProducer sends once per 3 s idle period, from each worker process.
+    arrived = collector.wait_for(lambda calls: len(calls) >= 2, timeout_s=15)
+
+    assert arrived, f"fewer than 2 messages on {DESTINATION_QUEUE}: {collector.snapshot()}"
+    for _, message in collector.snapshot():
+        assert re.match(r"Message #\d+\n\+{8}Produced @", message), message
+    worker.wait_for_output(r"Sending message #\d+", timeout_s=1)
+
+
+def test_txn_producer_sends_to_transaction(
+    workers: Workers, client: Client, broker_url: str
+) -> None:
+    worker = workers.get(broker_url, ["SampleProducer", "SampleTxnProducer"])
+    collector = client.subscribe(TRANSACTION_QUEUE)
+
+    arrived = collector.wait_for(lambda calls: len(calls) >= 2, timeout_s=15)
+
+    assert arrived, f"fewer than 2 messages on {TRANSACTION_QUEUE}: {collector.snapshot()}"
+    for _, message in collector.snapshot():
+        assert re.match(r"TXMessage #\d+\n\+{8}Produced@", message), message
+    worker.wait_for_output(r"Created message \d+", timeout_s=1)
+
+
+def test_txn_every_message_arrives(
+    workers: Workers, client: Client, broker_url: str, unique: str
+) -> None:
+    worker = workers.get(broker_url, ["SampleTxn"])
+    collector = client.subscribe(DESTINATION_QUEUE)
+    expected = {f"transaction {unique} #{n}" for n in range(20)}
+
+    for text in sorted(expected):
+        client.transport.send(TRANSACTION_QUEUE, text)
+
+    # SampleTxn aborts about 27 % of its transactions at random (three crash
+    # points of 10 % each). An aborted message comes back and is processed
+    # again until it commits.
+    def all_arrived(calls: list[tuple[Any, ...]]) -> bool:
+        return expected <= {message for _, message in calls}
+
+    arrived = collector.wait_for(all_arrived, timeout_s=60)
+
+    received = [message for _, message in collector.snapshot()]
+    missing = sorted(expected - set(received))
+    assert arrived, f"{len(missing)} of 20 messages never reached {DESTINATION_QUEUE}: {missing}"
+    assert set(received) <= expected, f"unexpected messages: {set(received) - expected}"
+    # The service logs its commit just after the commit has sent the message.
+    worker.wait_for_output(r" 4\. Commit$", count=len(expected), timeout_s=5)
+
+
+@pytest.mark.parametrize("pool", ["prefork", "solo"])
+def test_in_shutdown_runs_on_stop(
+    workers: Workers, broker_url: str, pool: str, tmp_path: Path
+) -> None:
+    worker = workers.get(
+        broker_url, [LIFECYCLE_SERVICE], pool=pool, env={MARKER_DIR_VARIABLE: str(tmp_path)}
+    )
+    main_pid = worker.pid
+
+    returncode = workers.stop(broker_url)
+
+    assert returncode == 0, worker.describe()
+    markers = [json.loads(path.read_text()) for path in tmp_path.glob("*.json")]
+    discovery = [m for m in markers if m["event"] == "initializing" and m["dry_run"]]
+    started = [m["pid"] for m in markers if m["event"] == "initializing" and not m["dry_run"]]
+    stopped = [m["pid"] for m in markers if m["event"] == "in_shutdown"]
+    assert [m["pid"] for m in discovery] == [main_pid], markers
+    assert not any(m["dry_run"] for m in markers if m["event"] == "in_shutdown"), markers
+    assert sorted(stopped) == sorted(started), markers
+    if pool == "prefork":
+        assert len(set(started)) == PREFORK_CONCURRENCY, markers
+        assert main_pid not in started, markers
+    else:
+        assert started == [main_pid], markers
+
+
+def test_own_app_hosts_configured_services(
+    workers: Workers, client: Client, broker_url: str, unique: str
+) -> None:
+    worker = workers.get(broker_url, None, app_module="tests.app_for_tests")
+
+    worker.wait_for_output(
+        rf"Worker consumes queue '{re.escape(DESTINATION_QUEUE)}' for SamplePipethrough",
+        timeout_s=1,
+    )
+    worker.wait_for_output(r"Started service Message Pipethrough", count=PREFORK_CONCURRENCY)
+    check_pipethrough_run(client, worker, unique)
+
+
+def test_unknown_service_exits_with_error(
+    broker_url: str, tmp_path: Path
+) -> None:
+    worker = WorkerProcess(broker_url, ["NoSuchService"], "solo", "workflows_celery", tmp_path)
+    worker.start()
+    try:
+        worker.process.wait(WORKER_READY_TIMEOUT_S)  # type: ignore[union-attr]
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        returncode = worker.stop()
+
+    assert returncode not in (0, None, -signal.SIGTERM, -signal.SIGKILL), worker.describe()
+    assert "Service 'NoSuchService' not found" in worker.output(), worker.describe()
+    assert "SamplePipethrough" in worker.output(), worker.describe()
+    assert " ready." not in worker.output(), worker.describe()
+
+
+# -- Embedded worker in this process ----------------------------------------------
+
+
+class RecordingHandler(logging.Handler):
+    """A logging handler that keeps every record."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class LoggingStep(CommonService):
+    """A recipe step that logs plainly and inside ``extend_log``."""
+
+    _service_name = "Logging step"
+    _logger_name = "workflows.service.test_logging_step"
+    queue = ""
+
+    def initializing(self) -> None:
+        # No log_extender: the run ID must come from the worker, as it does for
+        # services such as SamplePipethrough.
+        workflows.recipe.wrap_subscribe(self._transport, self.queue, self.process)
+
+    def process(self, rw: RecipeWrapper, header: dict[str, Any], payload: Any) -> None:
+        self.log.info("Step %s received %r", rw.recipe_pointer, payload)
+        with self.extend_log("sample_field", payload["sample"]):
+            self.log.info("Inside extend_log")
+
+
+def test_log_records_carry_recipe_id(unique: str) -> None:
+    queue = f"test.logging.{unique}"
+    service = type("LoggingStep", (LoggingStep,), {"queue": queue})
+    recipe = {
+        "1": {"service": "Logging step", "queue": queue},
+        "start": [[1, {"sample": f"sample-{unique}"}]],
+    }
+    handler = RecordingHandler()
+    service_logger = logging.getLogger(LoggingStep._logger_name)
+    service_logger.addHandler(handler)
+    try:
+        with embedded_worker(services=[service]) as (app, tracker):
+            run_id = start_recipe(recipe, app=app)
+            assert tracker.wait_until_idle(20), "the recipe step did not finish within 20 s"
+    finally:
+        service_logger.removeHandler(handler)
+
+    step_records = [r for r in handler.records if r.getMessage().startswith("Step ")]
+    extended = [r for r in handler.records if r.getMessage() == "Inside extend_log"]
+    assert len(step_records) == 1, [r.getMessage() for r in handler.records]
+    assert len(extended) == 1, [r.getMessage() for r in handler.records]
+    assert step_records[0].recipe_ID == run_id  # type: ignore[attr-defined]
+    assert extended[0].recipe_ID == run_id  # type: ignore[attr-defined]
+    assert extended[0].sample_field == f"sample-{unique}"  # type: ignore[attr-defined]
+    assert not hasattr(step_records[0], "sample_field")
+
+
+def test_recipe_step_function_output_arrives(unique: str) -> None:
+    app = setup_app(Celery(f"tests.user_app_{unique}", broker="memory://", set_as_current=False))
+    calls: list[tuple[str, Any, Any, Any]] = []
+    spots_queue = f"test.find_spots.{unique}"
+    store_queue = f"test.store.{unique}"
+
+    @recipe_step(app, spots_queue)
+    def find_spots(rw: RecipeWrapper, header: dict[str, Any], payload: Any) -> None:
+        calls.append(("find_spots", rw, header, payload))
+        rw.send_to("success", {"spots": 12, "image": payload["image"]})
+
+    @recipe_step(app, store_queue, name="Store results")
+    def store_results(rw: RecipeWrapper, header: dict[str, Any], payload: Any) -> None:
+        calls.append(("store_results", rw, header, payload))
+
+    recipe = {
+        "1": {"service": "Find spots", "queue": spots_queue, "output": {"success": 2}},
+        "2": {"service": "Store results", "queue": store_queue},
+        "start": [[1, {"image": "image_0001.cbf"}]],
+    }
+    with embedded_worker(services=[], app=app) as (_, tracker):
+        run_id = start_recipe(recipe, app=app)
+        assert tracker.wait_until_idle(20), "the recipe steps did not finish within 20 s"
+
+    assert [name for name, *_ in calls] == ["find_spots", "store_results"]
+    _, rw, header, payload = calls[0]
+    assert isinstance(rw, RecipeWrapper)
+    assert isinstance(header, dict)
+    assert header.get("workflows-recipe") in (True, "True")
+    assert payload == {"image": "image_0001.cbf"}
+    _, rw, header, payload = calls[1]
+    assert rw.environment["ID"] == run_id
+    assert rw.recipe_path == [1]
+    assert payload == {"spots": 12, "image": "image_0001.cbf"}
