@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from celery import Celery
+from helpers import Harness
 
 from workflows_celery import create_app
 
@@ -46,6 +47,16 @@ def broker_app(broker_url: str) -> Iterator[Celery]:
     app = create_app(broker_url, main=f"tests.{uuid.uuid4().hex[:8]}")
     yield app
     app.close()
+
+
+@pytest.fixture
+def harness(broker_app: Celery, unique: str) -> Iterator[Harness]:
+    """Transports and queue names on each real broker in turn, cleaned up afterwards."""
+    created = Harness(broker_app, unique)
+    try:
+        yield created
+    finally:
+        created.close()
 
 
 @pytest.fixture

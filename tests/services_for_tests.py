@@ -44,3 +44,19 @@ class LifecycleMarker(CommonService):
         path = folder / f"{event}.{os.getpid()}.{uuid.uuid4().hex}.json"
         path.write_text(json.dumps(marker))
         self.log.info("Wrote marker %s", path.name)
+
+
+class Rejector(CommonService):
+    """Reject every recipe message on queue ``test.rejector`` without requeue."""
+
+    _service_name = "Rejector"
+
+    def initializing(self) -> None:
+        import workflows.recipe
+
+        workflows.recipe.wrap_subscribe(
+            self._transport, "test.rejector", self.reject, acknowledgement=True
+        )
+
+    def reject(self, rw: object, header: dict[str, object], payload: object) -> None:
+        self._transport.nack(header, requeue=False)

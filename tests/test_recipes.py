@@ -28,7 +28,13 @@ from celery import Celery, group
 from workflows.recipe.wrapper import RecipeWrapper
 from workflows.services.common_service import CommonService
 
-from workflows_celery import CeleryTransport, create_app, recipe_canvas, recipe_step, start_recipe
+from workflows_celery import (
+    CeleryTransport,
+    create_app,
+    recipe_canvas,
+    recipe_step,
+    start_recipe,
+)
 from workflows_celery.constants import EMBEDDED_BROKER_URL
 from workflows_celery.embedded import FlightTracker, embedded_worker
 from workflows_celery.errors import InvalidRecipeError

@@ -78,6 +78,10 @@ LIFECYCLE_SERVICE = "tests.services_for_tests:LifecycleMarker"
 # -- Worker subprocesses ------------------------------------------------------
 
 
+#: Delivery limit of the test workers, far above what random aborts reach.
+WORKER_DELIVERY_LIMIT = 100
+
+
 class WorkerProcess:
     """A ``celery worker`` subprocess whose output goes to a file.
 
@@ -111,6 +115,10 @@ class WorkerProcess:
         if services is not None:
             self.command += ["--services", ",".join(services)]
         self.command += [
+            # SampleTxn aborts a quarter of its transactions at random, so one
+            # message may well come back five times in a row; these tests check
+            # that it is processed, not that it is dead-lettered.
+            "--delivery-limit", str(WORKER_DELIVERY_LIMIT),
             "-P", pool,
             "-c", str(PREFORK_CONCURRENCY),
             "-l", "INFO",

@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from workflows.recipe import Recipe
@@ -111,7 +112,149 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe JSON file")
     validate.set_defaults(handler=command_validate)
+
+    _add_dlq_commands(commands)
     return parser
+
+
+def _add_dlq_commands(commands: Any) -> None:
+    dlq = commands.add_parser(
+        "dlq",
+        help="inspect and re-inject dead-lettered messages",
+        description=(
+            "Operate dead-letter queues (dlq.<queue>). QUEUE may be given as "
+            "'per_image_analysis' or 'dlq.per_image_analysis'. The broker is "
+            "--broker or CELERY_BROKER_URL."
+        ),
+    )
+    actions = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+
+    def add(name: str, help_text: str, handler: Any) -> argparse.ArgumentParser:
+        action = actions.add_parser(name, help=help_text, description=help_text)
+        action.add_argument("-b", "--broker", metavar="URL", help="Celery broker URL")
+        action.set_defaults(handler=handler)
+        return action
+
+    listing = add(
+        "list",
+        "count the messages in dead-letter queues; the exit status is 1 when any holds messages",
+        command_dlq_list,
+    )
+    listing.add_argument(
+        "queues", nargs="*", metavar="QUEUE", help="queues to check (default: all, Redis only)"
+    )
+    show = add("show", "print the messages of a dead-letter queue", command_dlq_show)
+    show.add_argument("queue", metavar="QUEUE")
+    show.add_argument("--json", action="store_true", help="print one JSON record per message")
+    export = add(
+        "export", "write each message of a dead-letter queue to a JSON file", command_dlq_export
+    )
+    export.add_argument("queue", metavar="QUEUE")
+    export.add_argument("--dir", required=True, type=Path, help="folder for the files")
+    reinject = add(
+        "reinject",
+        "send dead-lettered messages back to their queue and remove them from the dead-letter queue",
+        command_dlq_reinject,
+    )
+    reinject.add_argument("queue", nargs="?", metavar="QUEUE")
+    reinject.add_argument("--run", metavar="ID", help="only messages of this recipe run")
+    reinject.add_argument(
+        "--id", dest="message_ids", action="append", metavar="MESSAGE_ID", help="only this message (repeatable)"
+    )
+    reinject.add_argument("--to", metavar="QUEUE", help="send to this queue instead of the original one")
+    reinject.add_argument(
+        "--file", dest="files", action="append", type=Path, metavar="FILE",
+        help="re-inject a message written by 'dlq export' (repeatable); no QUEUE needed",
+    )
+    purge = add("purge", "delete dead-lettered messages", command_dlq_purge)
+    purge.add_argument("queue", metavar="QUEUE")
+    purge.add_argument("--run", metavar="ID", help="only messages of this recipe run")
+    purge.add_argument(
+        "--id", dest="message_ids", action="append", metavar="MESSAGE_ID", help="only this message (repeatable)"
+    )
+
+
+def _broker_app(args: argparse.Namespace) -> Any:
+    from workflows_celery.application import create_app
+
+    return create_app(args.broker)
+
+
+def command_dlq_list(args: argparse.Namespace) -> int:
+    """Print dead-letter queues with their counts; return 1 when any holds messages."""
+    from workflows_celery import dlq
+
+    app = _broker_app(args)
+    if args.queues:
+        counts = {dlq.dead_letter_queue_name(q): dlq.count(app, q) for q in args.queues}
+    else:
+        counts = dlq.list_queues(app)
+    for name, messages in sorted(counts.items()):
+        print(f"{name}  {messages} message{'s' if messages != 1 else ''}")
+    if not counts:
+        print("no dead-letter queues")
+    return 1 if any(counts.values()) else 0
+
+
+def command_dlq_show(args: argparse.Namespace) -> int:
+    """Print the messages of one dead-letter queue."""
+    from workflows_celery import dlq
+
+    letters = dlq.read(_broker_app(args), args.queue)
+    for letter in letters:
+        if args.json:
+            print(json.dumps(letter.to_json(), default=str))
+        else:
+            print(dlq.describe(letter))
+    if not args.json:
+        print(f"{len(letters)} message(s) in {dlq.dead_letter_queue_name(args.queue)}")
+    return 0
+
+
+def command_dlq_export(args: argparse.Namespace) -> int:
+    """Write the messages of one dead-letter queue to files."""
+    from workflows_celery import dlq
+
+    paths = dlq.export(_broker_app(args), args.queue, args.dir)
+    for path in paths:
+        print(path)
+    print(f"{len(paths)} message(s) written to {args.dir}")
+    return 0
+
+
+def command_dlq_reinject(args: argparse.Namespace) -> int:
+    """Re-inject dead-lettered messages from a queue or from exported files."""
+    from workflows_celery import dlq
+
+    app = _broker_app(args)
+    if args.files:
+        letters = dlq.reinject_files(app, args.files, to_queue=args.to)
+    elif args.queue:
+        letters = dlq.reinject(
+            app,
+            args.queue,
+            run_id=args.run,
+            message_ids=set(args.message_ids or ()),
+            to_queue=args.to,
+        )
+    else:
+        print("error: name a dead-letter QUEUE or give --file FILE", file=sys.stderr)
+        return 2
+    for letter in letters:
+        print(f"re-injected {dlq.describe(letter)}")
+    print(f"{len(letters)} message(s) re-injected")
+    return 0
+
+
+def command_dlq_purge(args: argparse.Namespace) -> int:
+    """Delete messages from one dead-letter queue."""
+    from workflows_celery import dlq
+
+    letters = dlq.purge(
+        _broker_app(args), args.queue, run_id=args.run, message_ids=set(args.message_ids or ())
+    )
+    print(f"{len(letters)} message(s) deleted from {dlq.dead_letter_queue_name(args.queue)}")
+    return 0
 
 
 def command_validate(args: argparse.Namespace) -> int:
@@ -123,7 +266,8 @@ def command_validate(args: argparse.Namespace) -> int:
             validate_recipe(recipe, path)
         except WorkflowsCeleryError as error:
             failures += 1
-            print(f"{path}: {error}", file=sys.stderr)
+            # The error names the file already.
+            print(f"error: {error}", file=sys.stderr)
             continue
         placeholders = unresolved_destinations(recipe)
         note = f" (placeholders to fill at run time: {', '.join(placeholders)})" if placeholders else ""
@@ -160,6 +304,7 @@ def _run_on_broker(path: str, parameters: dict[str, Any], broker_url: str) -> in
 
 
 def _run_embedded(args: argparse.Namespace, parameters: dict[str, Any]) -> int:
+    from workflows_celery import dlq
     from workflows_celery.canvas import start_recipe
     from workflows_celery.embedded import embedded_worker
     from workflows_celery.simulate import format_tree, make_stand_in, reachable_nodes
@@ -190,14 +335,19 @@ def _run_embedded(args: argparse.Namespace, parameters: dict[str, Any]) -> int:
         finished = tracker.wait_until_idle(args.timeout)
         elapsed = time.monotonic() - started
         steps = sorted(tracker.steps, key=lambda step: step.finished_at)
+        # The in-memory broker ends with this process, so its dead letters are
+        # printed here rather than left for 'workflows-celery dlq'.
+        dead_letters = [
+            letter for queue in sorted(tracker.dead_lettered) for letter in dlq.read(app, queue)
+        ]
 
     for line in format_tree(steps):
         print(line)
     reached = {step.node for step in steps}
     reachable = reachable_nodes(recipe)
     print(
-        f"{len(steps)} steps run, {len(reached & reachable)} of {len(reachable)} "
-        f"reachable nodes reached, {elapsed:.2f} s"
+        f"{len(steps)} step{'' if len(steps) == 1 else 's'} run, "
+        f"{len(reached & reachable)} of {len(reachable)} reachable nodes reached, {elapsed:.2f} s"
     )
     for queue, count in sorted(tracker.undeliverable.items()):
         print(
@@ -205,6 +355,8 @@ def _run_embedded(args: argparse.Namespace, parameters: dict[str, Any]) -> int:
             "service reads; they were not processed",
             file=sys.stderr,
         )
+    for letter in dead_letters:
+        print(f"warning: dead-lettered {dlq.describe(letter)}", file=sys.stderr)
     if not finished:
         print(
             f"error: the run still had {tracker.in_flight} message(s) in flight "
@@ -212,7 +364,8 @@ def _run_embedded(args: argparse.Namespace, parameters: dict[str, Any]) -> int:
             file=sys.stderr,
         )
         return 1
-    return 0
+    # A run that left messages unprocessed or dead-lettered did not complete.
+    return 1 if dead_letters or tracker.undeliverable else 0
 
 
 def services_named_in(recipe: Recipe) -> list[type[CommonService]]:

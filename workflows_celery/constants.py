@@ -40,5 +40,29 @@ SETTING_SERVICES = "workflows_services"
 #: that connect to databases in ``initializing()``).
 DEFAULT_PROCESS_START_TIMEOUT_S = 30.0
 
+#: Deliveries after which a message goes to its dead-letter queue instead of
+#: back to its queue; Zocalo gives its RabbitMQ queues the same limit.
+DEFAULT_DELIVERY_LIMIT = 5
+
+#: Setting that overrides :data:`DEFAULT_DELIVERY_LIMIT`.
+SETTING_DELIVERY_LIMIT = "workflows_delivery_limit"
+
+#: Prefix of dead-letter queue names: messages of queue ``q`` end up in ``dlq.q``.
+DEAD_LETTER_PREFIX = "dlq."
+
+#: Header counting earlier deliveries of a message (the name RabbitMQ's quorum
+#: queues use for the same count).
+HEADER_DELIVERY_COUNT = "x-delivery-count"
+
+#: Message header describing why a message was dead-lettered, laid out as
+#: RabbitMQ's own dead-lettering writes it.
+HEADER_DEATH = "x-death"
+
+#: Message header with the error that dead-lettered a message, if any.
+HEADER_DEAD_LETTER_ERROR = "x-workflows-error"
+
+#: Header of a message re-injected from a dead-letter queue: where from, and when.
+HEADER_REINJECTED = "workflows-reinjected"
+
 #: Broker URL of the embedded mode: kombu's in-memory transport, one process.
 EMBEDDED_BROKER_URL = "memory://localhost/"

@@ -21,7 +21,6 @@ from celery.utils import timer2
 from celery.worker import WorkController, loops
 from celery.worker import state as worker_state
 from celery.worker.consumer import Consumer
-from workflows.services.common_service import CommonService
 
 from workflows_celery.application import create_app
 from workflows_celery.constants import EMBEDDED_BROKER_URL, KWARG_QUEUE, KWARG_TOPIC, STEP_TASK_NAME
@@ -121,6 +120,8 @@ class FlightTracker:
         self.sent = 0
         self.processed = 0
         self.undeliverable: dict[str, int] = {}
+        #: Messages moved to a dead-letter queue, by original queue.
+        self.dead_lettered: dict[str, int] = {}
         self.steps: list[StepRecord] = []
 
     def connect(self) -> None:
@@ -146,14 +147,20 @@ class FlightTracker:
                 self._lock.wait(remaining if remaining is not None else 1.0)
             return True
 
-    def _on_publish(self, sender: Any = None, body: Any = None, **_: Any) -> None:
+    def _on_publish(
+        self, sender: Any = None, body: Any = None, routing_key: Any = None, **_: Any
+    ) -> None:
         kwargs = body[1] if isinstance(body, (list, tuple)) and len(body) > 1 else {}
         if not isinstance(kwargs, dict):
             return
         served = set(state_for(self.app).dispatcher.destinations())
         with self._lock:
             self.sent += 1
-            if KWARG_TOPIC in kwargs:
+            queue = kwargs.get(KWARG_QUEUE)
+            if isinstance(queue, str) and routing_key and routing_key != queue:
+                # Published to another queue than the one it names: a dead letter.
+                self.dead_lettered[queue] = self.dead_lettered.get(queue, 0) + 1
+            elif KWARG_TOPIC in kwargs:
                 # A broadcast nobody here listens to is dropped, as in workflows.
                 if Destination(kwargs[KWARG_TOPIC], is_topic=True) in served:
                     self.in_flight += 1

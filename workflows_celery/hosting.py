@@ -18,19 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery, Task
-from celery.exceptions import Reject
 from workflows.services.common_service import CommonService
 
-from workflows_celery import logcontext
+from workflows_celery import deadletter, logcontext
 from workflows_celery.errors import ConfigurationError
 from workflows_celery.messages import Destination, destination_from_kwargs
 from workflows_celery.transport import CeleryTransport, Settlement, SubscriptionBinder
 
 logger = logging.getLogger(__name__)
 
-#: Seconds a worker waits before returning a message that no service in the
-#: process reads, so that it does not spin on it.
-NO_SUBSCRIBER_PAUSE_S = 1.0
 
 
 @dataclass
@@ -259,55 +255,119 @@ def state_for(app: Celery) -> AppState:
 
 
 def run_step(task: Task, **kwargs: Any) -> None:
-    """Body of the step task: hand one message to the subscriptions of its destination."""
+    """Body of the step task: hand one message to the subscriptions of its destination.
+
+    A message that must be processed again is published again with its
+    delivery count raised, and one that cannot be processed goes to its
+    dead-letter queue (see :mod:`workflows_celery.deadletter`); the original is
+    acked either way.
+    """
+    request = task.request
+    app = task.app
     destination = destination_from_kwargs(kwargs)
     if destination is None:
-        logger.error("Rejected a step message without queue or topic: %.1000r", kwargs)
-        raise Reject("message names no queue or topic", requeue=False)
+        routing_key = (request.delivery_info or {}).get("routing_key") or "unknown"
+        logger.error("Step message %s names no queue or topic: %.1000r", request.id, kwargs)
+        deadletter.dead_letter(
+            app,
+            Destination(str(routing_key)),
+            {},
+            kwargs,
+            message_id=str(request.id),
+            reason=deadletter.REASON_REJECTED,
+            error="the step message names no queue or topic",
+        )
+        return
     headers = dict(kwargs.get("headers") or {})
     message = kwargs.get("message")
-    request = task.request
-    handlers = state_for(task.app).dispatcher.handlers_for(destination)
+    delivery = _Redelivery(app, destination, headers, message, request)
 
+    if (request.delivery_info or {}).get("redelivered") and not destination.is_topic:
+        # The broker delivers it again because a worker or a connection was
+        # lost while it was being processed: that delivery counts too.
+        delivery.again("delivered again after a lost worker or connection")
+        return
+
+    handlers = state_for(app).dispatcher.handlers_for(destination)
     if not handlers:
         if destination.is_topic:
             logger.debug("No subscriber to %s in this process; broadcast dropped", destination)
             return
-        # NOTE: without a delivery limit a message nobody here serves goes back
-        # and forth; the pause keeps that from spinning, but dead-lettering such
-        # messages is not built yet.
         logger.error(
-            "No service in this worker process reads %s; message %s returned to the "
-            "broker in %.0f s",
-            destination,
-            request.id,
-            NO_SUBSCRIBER_PAUSE_S,
+            "No service in this worker process reads %s (message %s)", destination, request.id
         )
-        time.sleep(NO_SUBSCRIBER_PAUSE_S)
-        raise Reject(f"no subscriber for {destination}", requeue=True)
+        delivery.again("no service in the worker process reads it")
+        return
 
     fields = logcontext.recipe_fields(headers, message)
     for handler in handlers:
-        outcome = _deliver(handler, request, destination, headers, message, fields)
+        try:
+            outcome = _deliver(handler, request, destination, headers, message, fields)
+        except Exception as error:
+            if not destination.is_topic:
+                delivery.dead(deadletter.REASON_FAILED, f"{handler.host.name} raised {error!r}")
+            raise
         if outcome is None or outcome.acked:
             continue
+        if outcome.nacked and not outcome.requeue:
+            delivery.dead(deadletter.REASON_REJECTED, f"rejected by {handler.host.name}")
+            return
         if outcome.nacked:
-            logger.info(
-                "Message %s on %s rejected by %s%s",
-                request.id,
-                destination,
-                handler.host.name,
-                ", requeued" if outcome.requeue else "",
-            )
-            raise Reject(f"rejected by {handler.host.name}", requeue=outcome.requeue)
+            delivery.again(f"nacked by {handler.host.name}")
+            return
         logger.warning(
-            "Service %s returned without ack or nack for message %s on %s; "
-            "the message goes back to the queue",
+            "Service %s returned without ack or nack for message %s on %s",
             handler.host.name,
             request.id,
             destination,
         )
-        raise Reject("neither acked nor nacked", requeue=True)
+        delivery.again(f"{handler.host.name} returned without ack or nack")
+        return
+
+
+class _Redelivery:
+    """The message a step task is running, ready to be published again or dead-lettered."""
+
+    def __init__(
+        self,
+        app: Celery,
+        destination: Destination,
+        headers: dict[str, Any],
+        message: Any,
+        request: Any,
+    ) -> None:
+        self.app = app
+        self.destination = destination
+        self.headers = headers
+        self.message = message
+        self.message_id = str(request.id)
+        self.eta = request.eta
+        self.expires = request.expires
+
+    def again(self, why: str) -> None:
+        """Publish the message again, or dead-letter it at the delivery limit."""
+        deadletter.redeliver(
+            self.app,
+            self.destination,
+            self.headers,
+            self.message,
+            message_id=self.message_id,
+            why=why,
+            eta=self.eta if isinstance(self.eta, str) else None,
+            expires_at=self.expires if isinstance(self.expires, str) else None,
+        )
+
+    def dead(self, reason: str, error: str) -> None:
+        """Move the message to its dead-letter queue."""
+        deadletter.dead_letter(
+            self.app,
+            self.destination,
+            self.headers,
+            self.message,
+            message_id=self.message_id,
+            reason=reason,
+            error=error,
+        )
 
 
 def _deliver(

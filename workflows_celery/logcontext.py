@@ -22,6 +22,9 @@ _service: contextvars.ContextVar[Any] = contextvars.ContextVar(
 )
 _installed = False
 
+#: Fields every record gets once the factory is installed ("-" outside a step).
+DEFAULT_FIELDS = ("recipe_ID", "recipe_pointer")
+
 
 def install() -> None:
     """Install the record factory once per process, keeping any earlier factory."""
@@ -35,6 +38,10 @@ def install() -> None:
         for name, value in _fields.get().items():
             if not hasattr(record, name):
                 setattr(record, name, value)
+        # Defaults, so that a log format naming these fields works on every record.
+        for name in DEFAULT_FIELDS:
+            if not hasattr(record, name):
+                setattr(record, name, "-")
         service = _service.get()
         if service is not None:
             # The fields a service adds with ``extend_log`` (a private list of

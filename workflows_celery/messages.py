@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workflows_celery.constants import (
+    HEADER_DELIVERY_COUNT,
     HEADER_RECIPE,
     KWARG_HEADERS,
     KWARG_MESSAGE,
@@ -52,6 +53,12 @@ class OutgoingMessage:
     expiration_s: float | None = None
     exchange: str | None = None
     task_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    #: Absolute ETA and expiry (ISO 8601) of a message published again, which
+    #: keep their original values instead of restarting from now.
+    eta: str | None = None
+    expires_at: str | None = None
+    #: Extra broker message headers, e.g. the dead-letter record ``x-death``.
+    broker_headers: dict[str, Any] = field(default_factory=dict)
 
     def task_kwargs(self) -> dict[str, Any]:
         """Return the step task's keyword arguments for this message."""
@@ -60,6 +67,15 @@ class OutgoingMessage:
             KWARG_HEADERS: self.headers,
             KWARG_MESSAGE: self.message,
         }
+
+    def run_id(self) -> str | None:
+        """Return the recipe run ID (``environment.ID``) of a recipe message, if any."""
+        if not self.headers.get(HEADER_RECIPE) or not isinstance(self.message, Mapping):
+            return None
+        environment = self.message.get("environment")
+        if isinstance(environment, Mapping) and environment.get("ID") is not None:
+            return str(environment["ID"])
+        return None
 
     def display_name(self) -> str:
         """Return the name Celery shows for this message (logs, events, flower).
@@ -126,7 +142,7 @@ def callback_header(
         {
             "message-id": message_id,
             "subscription": subscription_id,
-            "redelivered": bool(info.get("redelivered", False)),
+            "redelivered": bool(info.get("redelivered")) or bool(header.get(HEADER_DELIVERY_COUNT)),
             "exchange": info.get("exchange") or "",
             "routing_key": info.get("routing_key") or destination.name,
             "destination": destination.name,

@@ -120,6 +120,15 @@ def validate_recipe(recipe: Recipe, origin: str = "recipe") -> None:
     except (TypeError, ValueError, KeyError, AttributeError) as error:
         raise InvalidRecipeError(f"Invalid recipe: {origin}: {error!r}") from None
 
+    # workflows accepts such a node, then silently sends nothing to it.
+    for key, node in recipe.recipe.items():
+        if isinstance(key, int) and isinstance(node, Mapping):
+            if not node.get("queue") and not node.get("topic"):
+                raise InvalidRecipeError(
+                    f'Invalid recipe: Node "{key}" has neither "queue" nor "topic", so '
+                    f"messages sent to it would be lost (in {origin}); give it one"
+                )
+
 
 def unresolved_destinations(recipe: Recipe) -> list[str]:
     """List the queue and topic names that still contain a ``{placeholder}``."""

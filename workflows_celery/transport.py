@@ -47,10 +47,11 @@ from typing import Any
 import kombu.exceptions
 import kombu.utils.json
 from celery import Celery
+from celery._state import get_current_task
 from kombu.message import Message
 from workflows.transport.common_transport import CommonTransport, MessageCallback
 
-from workflows_celery import routing
+from workflows_celery import deadletter, routing
 from workflows_celery.constants import STATUS_EXPIRATION_S, STATUS_TOPIC, STEP_TASK_NAME
 from workflows_celery.errors import (
     MessageEncodeError,
@@ -328,25 +329,7 @@ class CeleryTransport(CommonTransport):
             for outgoing in messages:
                 logger.debug("Dry run: not sending to %s", outgoing.destination)
             return
-        if not messages:
-            return
-        app = self.app
-        outgoing = messages[0]
-        try:
-            with app.producer_or_acquire() as producer:
-                for outgoing in messages:
-                    _publish_one(app, producer, outgoing)
-        except kombu.exceptions.EncodeError as error:
-            raise MessageEncodeError(
-                f"Cannot send to {outgoing.destination}: the message is not JSON "
-                f"serialisable ({error}); send only dicts, lists, strings, numbers, "
-                "booleans and None"
-            ) from error
-        except kombu.exceptions.OperationalError as error:
-            raise TransportNotConnectedError(
-                f"Cannot send to {outgoing.destination}: broker "
-                f"{mask_url(app.conf.broker_url)} unreachable ({error})"
-            ) from error
+        publish_messages(self.app, messages)
 
     # -- Subscribing ----------------------------------------------------------------
 
@@ -503,21 +486,52 @@ class CeleryTransport(CommonTransport):
         message: Any,
         kombu_message: Message,
     ) -> None:
+        """Hand a message from the listener thread to its callback, then settle it.
+
+        Runs on the listener thread. As in a worker, a message to be processed
+        again is published again with its delivery count raised, one that cannot
+        be processed goes to its dead-letter queue, and the original is acked.
+        """
         listener = self._listener
+        app = self.app
+        broker_headers = kombu_message.headers or {}
+        message_id = str(broker_headers.get("id") or kombu_message.delivery_tag)
+
+        def again(why: str) -> None:
+            deadletter.redeliver(
+                app,
+                destination,
+                headers,
+                message,
+                message_id=message_id,
+                why=why,
+                eta=broker_headers.get("eta"),
+                expires_at=broker_headers.get("expires"),
+            )
+
+        def dead(reason: str, error: str) -> None:
+            deadletter.dead_letter(
+                app, destination, headers, message, message_id=message_id, reason=reason, error=error
+            )
+
+        if (kombu_message.delivery_info or {}).get("redelivered") and not destination.is_topic:
+            again("delivered again after a lost consumer or connection")
+            kombu_message.ack()
+            return
 
         def settle(outcome: Settlement) -> None:
             def apply() -> None:
                 if kombu_message.acknowledged:
                     return
-                if outcome.acked:
-                    kombu_message.ack()
-                else:
-                    kombu_message.reject(requeue=outcome.requeue)
+                if outcome.nacked and not outcome.requeue:
+                    dead(deadletter.REASON_REJECTED, f"rejected on subscription {subscription_id}")
+                elif outcome.nacked:
+                    again(f"nacked on subscription {subscription_id}")
+                kombu_message.ack()
 
             if listener is not None:
                 listener.post(apply)
 
-        message_id = str((kombu_message.headers or {}).get("id") or kombu_message.delivery_tag)
         try:
             self.deliver(
                 subscription_id,
@@ -528,7 +542,7 @@ class CeleryTransport(CommonTransport):
                 delivery_info=kombu_message.delivery_info,
                 settle=settle,
             )
-        except Exception:
+        except Exception as error:
             logger.error(
                 "Callback of subscription %d on %s failed for message %s",
                 subscription_id,
@@ -536,6 +550,10 @@ class CeleryTransport(CommonTransport):
                 message_id,
                 exc_info=True,
             )
+            if not destination.is_topic and not kombu_message.acknowledged:
+                self.forget_delivery(subscription_id, message_id)
+                dead(deadletter.REASON_FAILED, f"callback raised {error!r}")
+                kombu_message.ack()
 
     # -- Acknowledgements and transactions ----------------------------------------
 
@@ -641,22 +659,77 @@ def _check_serialisable(outgoing: OutgoingMessage) -> None:
         ) from error
 
 
-def _publish_one(app: Celery, producer: Any, outgoing: OutgoingMessage) -> None:
+def publish_messages(
+    app: Celery, messages: list[OutgoingMessage], *, queue: str | None = None
+) -> None:
+    """Publish messages in order over one pooled producer.
+
+    Args:
+        app: The app whose broker receives the messages.
+        messages: The messages, each routed to its destination.
+        queue: A queue that receives every message instead (dead-lettering).
+
+    Raises:
+        MessageEncodeError: a message is not JSON serialisable.
+        TransportNotConnectedError: the broker cannot be reached.
+    """
+    if not messages:
+        return
+    outgoing = messages[0]
+    try:
+        with app.producer_or_acquire() as producer:
+            for outgoing in messages:
+                _publish_one(app, producer, outgoing, queue)
+    except kombu.exceptions.EncodeError as error:
+        raise MessageEncodeError(
+            f"Cannot send to {outgoing.destination}: the message is not JSON "
+            f"serialisable ({error}); send only dicts, lists, strings, numbers, "
+            "booleans and None"
+        ) from error
+    except kombu.exceptions.OperationalError as error:
+        raise TransportNotConnectedError(
+            f"Cannot send to {outgoing.destination}: broker "
+            f"{mask_url(app.conf.broker_url)} unreachable ({error})"
+        ) from error
+
+
+def _publish_one(
+    app: Celery, producer: Any, outgoing: OutgoingMessage, queue: str | None
+) -> None:
     """Publish one message as a step task message, routed explicitly."""
+    expires = outgoing.expiration_s if outgoing.expiration_s is not None else outgoing.expires_at
     task_message = app.amqp.create_task_message(
         outgoing.task_id,
         STEP_TASK_NAME,
         (),
         outgoing.task_kwargs(),
         countdown=outgoing.delay_s,
-        expires=outgoing.expiration_s,
+        eta=None if outgoing.delay_s else outgoing.eta,
+        expires=expires,
         shadow=outgoing.display_name(),
         ignore_result=True,
         create_sent_event=False,
+        # Every step of a run shares the run ID as its Celery root id, so task
+        # events and flower group a run's steps and find them by run ID.
+        root_id=outgoing.run_id(),
+        parent_id=_current_task_id(),
     )
     app.amqp.send_task_message(
-        producer, STEP_TASK_NAME, task_message, retry=True, **route_options(outgoing)
+        producer,
+        STEP_TASK_NAME,
+        task_message,
+        retry=True,
+        headers=outgoing.broker_headers or None,
+        **(route_options(outgoing) if queue is None else {"queue": routing.task_queue(queue)}),
     )
+
+
+def _current_task_id() -> str | None:
+    """Return the id of the Celery task running in this thread, if any."""
+    task = get_current_task()
+    request = getattr(task, "request", None)
+    task_id = getattr(request, "id", None)
+    return str(task_id) if task_id else None
 
 
 def route_options(outgoing: OutgoingMessage) -> dict[str, Any]:

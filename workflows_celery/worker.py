@@ -18,7 +18,15 @@ from celery.concurrency.prefork import TaskPool as PreforkPool
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from workflows_celery import routing
-from workflows_celery.constants import SETTING_SERVICES
+from workflows_celery.constants import (
+    DEFAULT_DELIVERY_LIMIT,
+    SETTING_DELIVERY_LIMIT,
+    SETTING_SERVICES,
+)
+
+#: Name of the ready-made app of ``celery -A workflows_celery``.
+DEFAULT_APP_NAME = "workflows_celery"
+from workflows_celery.errors import ServiceNotFoundError
 from workflows_celery.hosting import state_for
 from workflows_celery.messages import Destination
 from workflows_celery.services import discover_subscriptions, load_service, parse_service_names
@@ -35,6 +43,17 @@ SERVICES_OPTION = click.Option(
     ),
 )
 
+DELIVERY_LIMIT_OPTION = click.Option(
+    ["--delivery-limit"],
+    type=click.IntRange(min=1),
+    default=None,
+    help=(
+        "Deliveries of one message after which it goes to its dead-letter queue "
+        f"dlq.<queue> (default: the {SETTING_DELIVERY_LIMIT} setting, or "
+        f"{DEFAULT_DELIVERY_LIMIT})."
+    ),
+)
+
 #: Apps whose workers start services in each forked child.
 _forking_apps: list[Celery] = []
 
@@ -44,17 +63,26 @@ class WorkflowsServices(bootsteps.StartStopStep):
 
     label = "workflows services"
 
-    def __init__(self, worker: Any, services: Any = None, **options: Any) -> None:
+    def __init__(
+        self, worker: Any, services: Any = None, delivery_limit: int | None = None, **options: Any
+    ) -> None:
         app = worker.app
+        if delivery_limit is not None:
+            app.conf[SETTING_DELIVERY_LIMIT] = delivery_limit
         state = state_for(app)
         names = parse_service_names(services) or parse_service_names(
             app.conf.get(SETTING_SERVICES)
         )
-        state.service_classes = [load_service(name) for name in names] + list(
+        state.service_classes = [_load_for_worker(name) for name in names] + list(
             state.function_steps
         )
         self.enabled = bool(state.service_classes)
         if not self.enabled:
+            if app.main == DEFAULT_APP_NAME:
+                logger.warning(
+                    "This worker hosts no workflows service, so it runs no recipe step; "
+                    "name them with --services, e.g. --services SamplePipethrough"
+                )
             return
 
         subscriber = f"{worker.hostname}.{uuid.uuid4().hex[:8]}"
@@ -87,10 +115,21 @@ class WorkflowsServices(bootsteps.StartStopStep):
     shutdown = stop
 
 
+def _load_for_worker(name: Any) -> Any:
+    """Load a service, turning a bad name into a usage error on the command line."""
+    try:
+        return load_service(name)
+    except ServiceNotFoundError as error:
+        if click.get_current_context(silent=True) is not None:
+            raise click.UsageError(str(error)) from error
+        raise
+
+
 def install_worker_support(app: Celery) -> None:
     """Add the ``--services`` option and the hosting bootstep to ``app``'s workers."""
     if WorkflowsServices not in app.steps["worker"]:
         app.user_options["worker"].add(SERVICES_OPTION)
+        app.user_options["worker"].add(DELIVERY_LIMIT_OPTION)
         app.steps["worker"].add(WorkflowsServices)
 
 

@@ -1,0 +1,179 @@
+"""The ``workflows-celery dlq`` commands on the real brokers.
+
+A recipe step rejects its message, which lands in the dead-letter queue; the
+commands count, show, export and re-inject it, and the run then completes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import workflows.recipe
+from celery import Celery
+from helpers import Recorder, delete_queues, wait_for
+from workflows.services.common_service import CommonService
+
+from workflows_celery import create_app, start_recipe
+from workflows_celery.constants import HEADER_REINJECTED
+from workflows_celery.deadletter import dead_letter_queue
+from workflows_celery.embedded import embedded_worker
+
+
+def dlq_command(broker_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``workflows-celery dlq ARGS`` against ``broker_url``."""
+    return subprocess.run(
+        [sys.executable, "-m", "workflows_celery", "dlq", *args, "--broker", broker_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def picky_service(queue: str, outputs: Recorder) -> type[CommonService]:
+    """Build a service that rejects a recipe message until it has been re-injected."""
+
+    class Picky(CommonService):
+        _service_name = "Picky"
+
+        def initializing(self) -> None:
+            workflows.recipe.wrap_subscribe(
+                self._transport, queue, self.process, acknowledgement=True
+            )
+
+        def process(self, rw: Any, header: dict[str, Any], payload: Any) -> None:
+            if HEADER_REINJECTED not in header:
+                self._transport.nack(header, requeue=False)
+                return
+            outputs(header, payload)
+            rw.send({"processed": payload})
+            self._transport.ack(header)
+
+    return Picky
+
+
+def collector_service(queue: str, arrivals: Recorder) -> type[CommonService]:
+    """Build a service that records what reaches the last node."""
+
+    class Collector(CommonService):
+        _service_name = "Collector"
+
+        def initializing(self) -> None:
+            workflows.recipe.wrap_subscribe(self._transport, queue, self.collect)
+
+        def collect(self, rw: Any, header: dict[str, Any], payload: Any) -> None:
+            arrivals(header, (rw.environment["ID"], payload))
+
+    return Collector
+
+
+@pytest.fixture
+def app(broker_url: str) -> Iterator[Celery]:
+    created = create_app(broker_url, main="tests.dlq_cli")
+    yield created
+    created.close()
+
+
+def test_reinjected_message_completes_run(
+    app: Celery, broker_url: str, unique: str, tmp_path: Path
+) -> None:
+    first, last = f"test.dlq.{unique}.picky", f"test.dlq.{unique}.last"
+    recipe = {
+        "1": {"service": "Picky", "queue": first, "output": 2},
+        "2": {"service": "Collector", "queue": last},
+        "start": [[1, {"image": 7}]],
+    }
+    outputs, arrivals = Recorder(), Recorder()
+    services = [picky_service(first, outputs), collector_service(last, arrivals)]
+    try:
+        with embedded_worker(services, app=app) as (worker_app, tracker):
+            run_id = start_recipe(recipe, app=worker_app)
+            assert wait_for(lambda: tracker.in_flight == 0 and tracker.processed >= 1)
+
+            listed = dlq_command(broker_url, "list", first)
+            assert listed.returncode == 1, listed.stderr
+            assert f"{dead_letter_queue(first)}  1 message" in listed.stdout
+
+            shown = dlq_command(broker_url, "show", first, "--json")
+            assert shown.returncode == 0, shown.stderr
+            record = json.loads(shown.stdout.splitlines()[0])
+            assert record["run-id"] == run_id
+            assert record["reason"] == "rejected"
+            assert record["queue"] == first
+
+            exported = dlq_command(broker_url, "export", first, "--dir", str(tmp_path))
+            assert exported.returncode == 0, exported.stderr
+            assert len(list(tmp_path.glob("*.json"))) == 1
+
+            reinjected = dlq_command(broker_url, "reinject", first, "--run", run_id)
+            assert reinjected.returncode == 0, reinjected.stderr
+            assert "1 message(s) re-injected" in reinjected.stdout
+
+            assert wait_for(lambda: len(arrivals.messages) == 1)
+            assert arrivals.messages == [(run_id, {"processed": {"image": 7}})]
+            assert outputs.headers[0][HEADER_REINJECTED]["from"] == dead_letter_queue(first)
+
+            empty = dlq_command(broker_url, "list", first)
+            assert empty.returncode == 0, empty.stderr
+            assert f"{dead_letter_queue(first)}  0 messages" in empty.stdout
+    finally:
+        delete_queues(app, [first, last, dead_letter_queue(first), dead_letter_queue(last)])
+
+
+def test_reinject_from_exported_file(app: Celery, broker_url: str, unique: str, tmp_path: Path) -> None:
+    queue = f"test.dlq.{unique}.file"
+    arrivals = Recorder()
+    try:
+        from workflows_celery.deadletter import REASON_REJECTED, dead_letter
+        from workflows_celery.messages import Destination
+
+        dead_letter(
+            app,
+            Destination(queue),
+            {"origin": "test"},
+            {"value": 1},
+            message_id=f"message-{unique}",
+            reason=REASON_REJECTED,
+            error="test",
+        )
+        exported = dlq_command(broker_url, "export", queue, "--dir", str(tmp_path))
+        assert exported.returncode == 0, exported.stderr
+        purged = dlq_command(broker_url, "purge", queue)
+        assert "1 message(s) deleted" in purged.stdout
+
+        (path,) = tmp_path.glob("*.json")
+        reinjected = dlq_command(broker_url, "reinject", "--file", str(path))
+        assert reinjected.returncode == 0, reinjected.stderr
+
+        from workflows_celery import CeleryTransport
+
+        receiver = CeleryTransport(app)
+        receiver.subscribe(queue, arrivals)
+        try:
+            assert wait_for(lambda: arrivals.messages == [{"value": 1}])
+        finally:
+            receiver.disconnect()
+        header = arrivals.headers[0]
+        assert header["origin"] == "test"
+        assert header["message-id"] == f"message-{unique}"
+        assert header[HEADER_REINJECTED]["reason"] == "rejected"
+    finally:
+        delete_queues(app, [queue, dead_letter_queue(queue)])
+
+
+def test_list_on_rabbitmq_needs_queue_names(amqp_url: str) -> None:
+    listed = dlq_command(amqp_url, "list")
+    assert listed.returncode == 1
+    assert "name the queues to check" in listed.stderr
+    assert "guest:**@" in listed.stderr
+
+
+def test_reinject_needs_queue_or_file(redis_url: str) -> None:
+    result = dlq_command(redis_url, "reinject")
+    assert result.returncode == 2
+    assert "name a dead-letter QUEUE or give --file FILE" in result.stderr
