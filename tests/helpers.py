@@ -11,6 +11,7 @@ from typing import Any
 
 from celery import Celery
 from kombu import Queue
+from kombu.message import Message
 
 from workflows_celery import routing
 from workflows_celery.deadletter import dead_letter_queue
@@ -160,3 +161,25 @@ def delete_queues(app: Celery, names: list[str]) -> None:
                     bound.delete()
                 except connection.channel_errors:
                     logger.debug("Test queue %s already deleted", name)
+
+
+def read_dead_letters(
+    app: Celery, name: str, expected: int = 1, timeout_s: float = TIMEOUT_S
+) -> list[Message]:
+    """Take up to ``expected`` messages off the dead-letter queue of ``name``.
+
+    The messages are not decoded, so bodies of any content type can be read.
+    """
+    found: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    with app.connection_for_read() as connection:
+        with connection.channel() as channel:
+            dead_letters = routing.task_queue(dead_letter_queue(name)).bind(channel)
+            dead_letters.declare()
+            while len(found) < expected and time.monotonic() < deadline:
+                message = dead_letters.get(no_ack=True)
+                if message is None:
+                    time.sleep(0.05)
+                    continue
+                found.append(message)
+    return found

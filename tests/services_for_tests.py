@@ -60,3 +60,30 @@ class Rejector(CommonService):
 
     def reject(self, rw: object, header: dict[str, object], payload: object) -> None:
         self._transport.nack(header, requeue=False)
+
+
+#: Environment variable naming the queues of ``SuddenDeath`` (``<prefix>.in``, ``<prefix>.out``).
+SUDDEN_DEATH_PREFIX_VARIABLE = "WORKFLOWS_CELERY_TEST_SUDDEN_DEATH_PREFIX"
+
+
+class SuddenDeath(CommonService):
+    """Kill its own process with SIGKILL the first time it sees a message.
+
+    Later deliveries of the message are forwarded, with their headers, to
+    ``<prefix>.out``. A marker file in the marker folder remembers the first one.
+    """
+
+    _service_name = "Sudden death"
+
+    def initializing(self) -> None:
+        prefix = os.environ[SUDDEN_DEATH_PREFIX_VARIABLE]
+        self._out = f"{prefix}.out"
+        self._transport.subscribe(f"{prefix}.in", self.receive, acknowledgement=True)
+
+    def receive(self, header: dict[str, object], message: object) -> None:
+        marker = Path(os.environ[MARKER_DIR_VARIABLE]) / f"died-{header['message-id']}"
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), 9)
+        self._transport.send(self._out, {"message": message, "header": dict(header)})
+        self._transport.ack(header)

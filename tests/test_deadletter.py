@@ -9,43 +9,20 @@ plain subscriber, and in a worker hosting a service.
 
 from __future__ import annotations
 
-import queue
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from celery import Celery
-from helpers import TIMEOUT_S, Harness, Recorder, delete_queues, wait_for
+from helpers import Harness, Recorder, delete_queues, read_dead_letters, wait_for
 from kombu.message import Message
 from workflows.services.common_service import CommonService
 
-from workflows_celery import create_app, routing
+from workflows_celery import create_app
 from workflows_celery.constants import EMBEDDED_BROKER_URL, HEADER_DELIVERY_COUNT
 from workflows_celery.deadletter import dead_letter_queue
 from workflows_celery.embedded import embedded_worker
 from workflows_celery.transport import CeleryTransport
-
-
-def read_dead_letters(
-    app: Celery, name: str, expected: int = 1, timeout_s: float = TIMEOUT_S
-) -> list[Message]:
-    """Take up to ``expected`` messages off the dead-letter queue of ``name``."""
-    found: list[Message] = []
-    deadline = time.monotonic() + timeout_s
-    with app.connection_for_read() as connection:
-        dead_letters = connection.SimpleQueue(
-            routing.task_queue(dead_letter_queue(name)), no_ack=True
-        )
-        try:
-            while len(found) < expected and time.monotonic() < deadline:
-                try:
-                    found.append(dead_letters.get(timeout=0.2))
-                except queue.Empty:
-                    continue
-        finally:
-            dead_letters.close()
-    return found
 
 
 def death_of(message: Message) -> dict[str, Any]:

@@ -74,6 +74,9 @@ pytestmark = pytest.mark.timeout(QUEUE_LOCK_TIMEOUT_S + 120)
 MARKER_DIR_VARIABLE = "WORKFLOWS_CELERY_TEST_MARKER_DIR"
 LIFECYCLE_SERVICE = "tests.services_for_tests:LifecycleMarker"
 
+#: Environment variable read by ``tests.services_for_tests.SuddenDeath``.
+SUDDEN_DEATH_PREFIX_VARIABLE = "WORKFLOWS_CELERY_TEST_SUDDEN_DEATH_PREFIX"
+
 
 # -- Worker subprocesses ------------------------------------------------------
 
@@ -703,3 +706,29 @@ def test_recipe_step_function_output_arrives(unique: str) -> None:
     assert rw.environment["ID"] == run_id
     assert rw.recipe_path == [1]
     assert payload == {"spots": 12, "image": "image_0001.cbf"}
+
+
+def test_killed_child_loses_nothing(
+    workers: Workers, client: Client, broker_url: str, unique: str, tmp_path: Path
+) -> None:
+    """A prefork child killed with SIGKILL mid-step: the message is delivered again."""
+    prefix = f"test.worker.{unique}.sudden"
+    client.queues_to_delete += [f"{prefix}.in", f"{prefix}.out"]
+    workers.get(
+        broker_url,
+        ["tests.services_for_tests:SuddenDeath"],
+        env={MARKER_DIR_VARIABLE: str(tmp_path), SUDDEN_DEATH_PREFIX_VARIABLE: prefix},
+    )
+    collector = client.subscribe(f"{prefix}.out")
+
+    client.transport.send(f"{prefix}.in", "survivor")
+
+    assert collector.wait_for(lambda calls: len(calls) >= 1, timeout_s=60)
+    (_, forwarded), *others = collector.snapshot()
+    assert others == []
+    assert forwarded["message"] == "survivor"
+    header = forwarded["header"]
+    (marker,) = tmp_path.glob("died-*")
+    assert marker.name == f"died-{header['message-id']}"
+    assert header["redelivered"] is True
+    assert header["x-delivery-count"] >= 1

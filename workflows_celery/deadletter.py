@@ -25,7 +25,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from celery import Celery
+from kombu.message import Message
 
+from workflows_celery import routing
 from workflows_celery.constants import (
     DEAD_LETTER_PREFIX,
     DEFAULT_DELIVERY_LIMIT,
@@ -166,6 +168,61 @@ def dead_letter(
         queue,
         reason,
         f": {error}" if error else "",
+    )
+
+
+def dead_letter_raw(app: Celery, message: Message, reason: str, error: str) -> None:
+    """Copy a message the worker cannot even decode to its dead-letter queue, byte for byte.
+
+    Used for undecodable bodies, content types the worker does not accept
+    (pickle), messages without headers and unknown task names. The queue is
+    the one the message was routed to. The caller rejects the original.
+    """
+    info = message.delivery_info or {}
+    if info.get("exchange"):
+        # Routed through a named exchange (a broadcast): no queue of its own.
+        logger.error(
+            "Dropped a broadcast message the worker cannot run (%s: %s); headers %.500r",
+            reason,
+            error,
+            message.headers,
+        )
+        return
+    queue = dead_letter_queue(str(info.get("routing_key") or "unknown"))
+    headers = dict(message.headers or {})
+    headers[HEADER_DEATH] = [
+        {
+            "count": 1,
+            "reason": REASON_REJECTED,
+            "queue": info.get("routing_key"),
+            "time": int(time.time()),
+            "exchange": "",
+            "routing-keys": [info.get("routing_key")],
+        }
+    ]
+    headers[HEADER_DEAD_LETTER_ERROR] = {
+        "error": f"{reason}: {error}",
+        "host": socket.gethostname(),
+        "delivery-count": 1,
+    }
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            message.body,
+            exchange="",
+            routing_key=queue,
+            declare=[routing.task_queue(queue)],
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            headers=headers,
+            delivery_mode=2,
+            retry=True,
+        )
+    logger.error(
+        "Message on queue %r moved to dead-letter queue %r (%s: %s)",
+        info.get("routing_key"),
+        queue,
+        reason,
+        error,
     )
 
 

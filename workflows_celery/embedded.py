@@ -8,6 +8,8 @@ run's end is known exactly: it ends when no message is in flight.
 from __future__ import annotations
 
 import logging
+import socket
+import uuid
 import threading
 import time
 from collections.abc import Iterator
@@ -20,11 +22,11 @@ from celery.signals import after_task_publish, task_postrun, task_revoked
 from celery.utils import timer2
 from celery.worker import WorkController, loops
 from celery.worker import state as worker_state
-from celery.worker.consumer import Consumer
 
 from workflows_celery.application import create_app
 from workflows_celery.constants import EMBEDDED_BROKER_URL, KWARG_QUEUE, KWARG_TOPIC, STEP_TASK_NAME
 from workflows_celery.hosting import state_for
+from workflows_celery.worker import WorkflowsConsumer
 from workflows_celery.messages import Destination, destination_from_kwargs
 from workflows_celery.simulate import StepRecord
 
@@ -57,7 +59,7 @@ class _ShortDrainConnection:
         return self._connection.drain_events(timeout=timeout, **kwargs)
 
 
-class _EmbeddedConsumer(Consumer):
+class _EmbeddedConsumer(WorkflowsConsumer):
     """A worker consumer that stops within a fraction of a second.
 
     kombu's in-memory transport has no event loop support, so Celery runs
@@ -216,6 +218,9 @@ def embedded_worker(
     tracker.connect()
     worker = _EmbeddedWorkController(
         app=app,
+        # A node name of its own, so that two embedded workers on one broker do
+        # not compete for the same exclusive remote-control queue.
+        hostname=f"embedded-{uuid.uuid4().hex[:12]}@{socket.gethostname()}",
         pool="solo",
         concurrency=1,
         loglevel=loglevel,

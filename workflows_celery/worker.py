@@ -16,6 +16,7 @@ import click
 from celery import Celery, bootsteps
 from celery.concurrency.prefork import TaskPool as PreforkPool
 from celery.signals import worker_process_init, worker_process_shutdown
+from celery.worker.consumer import Consumer
 
 from workflows_celery import routing
 from workflows_celery.constants import (
@@ -24,8 +25,12 @@ from workflows_celery.constants import (
     SETTING_SERVICES,
 )
 
+#: Celery's default for the ``worker_consumer`` setting.
+CELERY_DEFAULT_CONSUMER = "celery.worker.consumer:Consumer"
+
 #: Name of the ready-made app of ``celery -A workflows_celery``.
 DEFAULT_APP_NAME = "workflows_celery"
+from workflows_celery.deadletter import dead_letter_raw
 from workflows_celery.errors import ServiceNotFoundError
 from workflows_celery.hosting import state_for
 from workflows_celery.messages import Destination
@@ -125,8 +130,47 @@ def _load_for_worker(name: Any) -> Any:
         raise
 
 
+class WorkflowsConsumer(Consumer):
+    """The worker's consumer, keeping a copy of every message it cannot run.
+
+    Celery acks or rejects such messages (bad JSON, a content type it does not
+    accept such as pickle, no headers, an unknown task) after logging them,
+    so without the copy they would be lost.
+    """
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        _keep(self.app, message, "undecodable", repr(exc))
+        super().on_decode_error(message, exc)
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        _keep(self.app, message, "not a task message", "no task name in its headers")
+        super().on_unknown_message(body, message)
+
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+        _keep(self.app, message, "unknown task", repr(exc))
+        super().on_unknown_task(body, message, exc)
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        _keep(self.app, message, "invalid task message", repr(exc))
+        super().on_invalid_task(body, message, exc)
+
+
+def _keep(app: Celery, message: Any, reason: str, error: str) -> None:
+    try:
+        dead_letter_raw(app, message, reason, error)
+    except Exception:  # the original is still rejected and logged by Celery
+        logger.critical(
+            "Could not copy a message the worker cannot run (%s) to its dead-letter "
+            "queue; it is logged below and then lost",
+            reason,
+            exc_info=True,
+        )
+
+
 def install_worker_support(app: Celery) -> None:
     """Add the ``--services`` option and the hosting bootstep to ``app``'s workers."""
+    if app.conf.worker_consumer == CELERY_DEFAULT_CONSUMER:
+        app.conf.worker_consumer = f"{__name__}:WorkflowsConsumer"
     if WorkflowsServices not in app.steps["worker"]:
         app.user_options["worker"].add(SERVICES_OPTION)
         app.user_options["worker"].add(DELIVERY_LIMIT_OPTION)

@@ -1,0 +1,127 @@
+"""Messages a worker cannot run are kept in the dead-letter queue, byte for byte.
+
+Celery logs and drops a message it cannot decode, whose content type it does
+not accept (pickle), that has no task headers or that names an unknown task.
+The worker's consumer first copies each to ``dlq.<queue>``.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery
+from helpers import Recorder, delete_queues, read_dead_letters, wait_for
+from workflows.services.common_service import CommonService
+
+from workflows_celery import create_app, routing
+from workflows_celery.constants import STEP_TASK_NAME
+from workflows_celery.deadletter import dead_letter_queue
+from workflows_celery.embedded import embedded_worker
+
+
+def reader_service(queue: str, seen: Recorder) -> type[CommonService]:
+    """Build a service that records every message on ``queue``."""
+
+    class Reader(CommonService):
+        _service_name = "Reader"
+
+        def initializing(self) -> None:
+            self._transport.subscribe(queue, seen)
+
+    return Reader
+
+
+@pytest.fixture
+def app(broker_url: str) -> Iterator[Celery]:
+    created = create_app(broker_url, main="tests.bad_input")
+    yield created
+    created.close()
+
+
+def publish_raw(app: Celery, queue: str, body: Any, **options: Any) -> None:
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            body,
+            exchange="",
+            routing_key=queue,
+            declare=[routing.task_queue(queue)],
+            **options,
+        )
+
+
+BAD_MESSAGES = {
+    "pickle": (
+        pickle.dumps(([], {"queue": "x"}, {})),
+        {
+            "content_type": "application/x-python-serialize",
+            "content_encoding": "binary",
+            "headers": {"task": STEP_TASK_NAME, "id": "bad-pickle"},
+        },
+        "invalid task message",
+    ),
+    "malformed JSON": (
+        b'{"queue": ',
+        {
+            "content_type": "application/json",
+            "content_encoding": "utf-8",
+            "headers": {"task": STEP_TASK_NAME, "id": "bad-json"},
+        },
+        "undecodable",
+    ),
+    "no headers": (
+        b'{"image": 1}',
+        {"content_type": "application/json", "content_encoding": "utf-8"},
+        "not a task message",
+    ),
+    "unknown task": (
+        b'[[], {}, {}]',
+        {
+            "content_type": "application/json",
+            "content_encoding": "utf-8",
+            "headers": {"task": "somebody.elses.task", "id": "bad-task"},
+        },
+        "unknown task",
+    ),
+}
+
+
+def test_worker_keeps_messages_it_cannot_run(app: Celery, unique: str) -> None:
+    queue = f"test.bad.{unique}"
+    seen = Recorder()
+    try:
+        with embedded_worker([reader_service(queue, seen)], app=app):
+            for body, options, _ in BAD_MESSAGES.values():
+                publish_raw(app, queue, body, **options)
+            kept = read_dead_letters(app, queue, expected=len(BAD_MESSAGES))
+
+        errors = sorted(letter.headers["x-workflows-error"]["error"] for letter in kept)
+        assert len(kept) == len(BAD_MESSAGES), errors
+        bodies = {
+            letter.body if isinstance(letter.body, bytes) else letter.body.encode()
+            for letter in kept
+        }
+        for case, (body, _, reason) in BAD_MESSAGES.items():
+            assert any(error.startswith(reason) for error in errors), (case, errors)
+            assert body in bodies, case
+        assert all(letter.headers["x-death"][0]["queue"] == queue for letter in kept)
+        assert seen.messages == []
+    finally:
+        delete_queues(app, [queue, dead_letter_queue(queue)])
+
+
+def test_good_message_after_bad_ones_runs(app: Celery, unique: str) -> None:
+    queue = f"test.bad.{unique}.then.good"
+    seen = Recorder()
+    try:
+        with embedded_worker([reader_service(queue, seen)], app=app):
+            body, options, _ = BAD_MESSAGES["no headers"]
+            publish_raw(app, queue, body, **options)
+            from workflows_celery import CeleryTransport
+
+            CeleryTransport(app).send(queue, {"good": True})
+            assert wait_for(lambda: seen.messages == [{"good": True}])
+    finally:
+        delete_queues(app, [queue, dead_letter_queue(queue)])
