@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -62,6 +63,12 @@ class Rejector(CommonService):
         self._transport.nack(header, requeue=False)
 
 
+#: Environment variable that makes ``SuddenDeath`` hang instead of killing itself.
+SUDDEN_DEATH_HANG_VARIABLE = "WORKFLOWS_CELERY_TEST_SUDDEN_DEATH_HANG"
+
+#: Seconds ``SuddenDeath`` hangs, far longer than any test waits.
+HANG_S = 300
+
 #: Environment variable naming the queues of ``SuddenDeath`` (``<prefix>.in``, ``<prefix>.out``).
 SUDDEN_DEATH_PREFIX_VARIABLE = "WORKFLOWS_CELERY_TEST_SUDDEN_DEATH_PREFIX"
 
@@ -84,6 +91,10 @@ class SuddenDeath(CommonService):
         marker = Path(os.environ[MARKER_DIR_VARIABLE]) / f"died-{header['message-id']}"
         if not marker.exists():
             marker.write_text(str(os.getpid()))
-            os.kill(os.getpid(), 9)
+            if os.environ.get(SUDDEN_DEATH_HANG_VARIABLE):
+                # The test kills the whole worker while this step hangs.
+                time.sleep(HANG_S)
+            else:
+                os.kill(os.getpid(), 9)
         self._transport.send(self._out, {"message": message, "header": dict(header)})
         self._transport.ack(header)

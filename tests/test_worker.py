@@ -74,8 +74,12 @@ pytestmark = pytest.mark.timeout(QUEUE_LOCK_TIMEOUT_S + 120)
 MARKER_DIR_VARIABLE = "WORKFLOWS_CELERY_TEST_MARKER_DIR"
 LIFECYCLE_SERVICE = "tests.services_for_tests:LifecycleMarker"
 
-#: Environment variable read by ``tests.services_for_tests.SuddenDeath``.
+#: Environment variables read by ``tests.services_for_tests.SuddenDeath``.
 SUDDEN_DEATH_PREFIX_VARIABLE = "WORKFLOWS_CELERY_TEST_SUDDEN_DEATH_PREFIX"
+SUDDEN_DEATH_HANG_VARIABLE = "WORKFLOWS_CELERY_TEST_SUDDEN_DEATH_HANG"
+
+#: Visibility timeout of ``tests.app_short_visibility``, in seconds.
+VISIBILITY_TIMEOUT_S = 3.0
 
 
 # -- Worker subprocesses ------------------------------------------------------
@@ -732,3 +736,55 @@ def test_killed_child_loses_nothing(
     assert marker.name == f"died-{header['message-id']}"
     assert header["redelivered"] is True
     assert header["x-delivery-count"] >= 1
+
+
+def test_killed_worker_loses_nothing_on_redis(
+    workers: Workers, redis_url: str, unique: str, tmp_path: Path
+) -> None:
+    """A whole worker killed with SIGKILL mid-step: the next worker runs the step again.
+
+    On Redis the message stays unacknowledged until the visibility timeout
+    (3 s in ``tests.app_short_visibility``) has passed, then comes back.
+    """
+    client = Client(redis_url)
+    prefix = f"test.worker.{unique}.killed"
+    client.queues_to_delete += [f"{prefix}.in", f"{prefix}.out"]
+    options = {
+        "pool": "solo",
+        "app_module": "tests.app_short_visibility",
+        "env": {
+            MARKER_DIR_VARIABLE: str(tmp_path),
+            SUDDEN_DEATH_PREFIX_VARIABLE: prefix,
+            SUDDEN_DEATH_HANG_VARIABLE: "1",
+        },
+    }
+    try:
+        first = workers.get(redis_url, ["tests.services_for_tests:SuddenDeath"], **options)
+        collector = client.subscribe(f"{prefix}.out")
+        client.transport.send(f"{prefix}.in", "survivor")
+        assert wait_until(lambda: any(tmp_path.glob("died-*")), timeout_s=30)
+
+        os.kill(first.pid, signal.SIGKILL)
+        assert workers.stop(redis_url) == -signal.SIGKILL
+        time.sleep(VISIBILITY_TIMEOUT_S + 1)
+        workers.get(redis_url, ["tests.services_for_tests:SuddenDeath"], **options)
+
+        assert collector.wait_for(lambda calls: len(calls) >= 1, timeout_s=60)
+        (_, forwarded), *others = collector.snapshot()
+        assert others == []
+        assert forwarded["message"] == "survivor"
+        assert forwarded["header"]["redelivered"] is True
+        assert forwarded["header"]["x-delivery-count"] >= 1
+    finally:
+        workers.stop(redis_url)
+        client.close()
+
+
+def wait_until(predicate: Any, timeout_s: float) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout_s`` has passed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())

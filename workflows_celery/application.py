@@ -38,6 +38,7 @@ def setup_app(app: Celery, *, services: Any = None) -> Celery:
         The same app, for chaining.
     """
     from workflows_celery.hosting import run_step
+    from workflows_celery.leases import set_default_visibility_timeout, uses_redis
     from workflows_celery.worker import install_worker_support
 
     app.conf.update(
@@ -51,6 +52,8 @@ def setup_app(app: Celery, *, services: Any = None) -> Celery:
         app.conf.worker_proc_alive_timeout = DEFAULT_PROCESS_START_TIMEOUT_S
     if services is not None:
         app.conf[SETTING_SERVICES] = services
+    if uses_redis(app):
+        set_default_visibility_timeout(app)
 
     if STEP_TASK_NAME not in app.tasks:
         # Not shared: each app's step task serves that app's hosted services.

@@ -17,7 +17,12 @@ from workflows.services.common_service import CommonService
 from workflows_celery import __version__
 from workflows_celery.constants import EMBEDDED_BROKER_URL
 from workflows_celery.errors import WorkflowsCeleryError
-from workflows_celery.recipes import load_recipe, prepare_recipe, unresolved_destinations, validate_recipe
+from workflows_celery.recipes import (
+    load_recipe,
+    prepare_recipe,
+    unresolved_destinations,
+    validate_recipe,
+)
 from workflows_celery.redaction import mask_url
 
 logger = logging.getLogger(__name__)

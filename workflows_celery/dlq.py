@@ -30,7 +30,11 @@ from workflows_celery.constants import (
     HEADER_REINJECTED,
 )
 from workflows_celery.errors import ConfigurationError
-from workflows_celery.messages import Destination, OutgoingMessage, destination_from_kwargs
+from workflows_celery.messages import (
+    Destination,
+    OutgoingMessage,
+    destination_from_kwargs,
+)
 from workflows_celery.redaction import mask_url
 
 logger = logging.getLogger(__name__)

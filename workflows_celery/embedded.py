@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import socket
-import uuid
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -24,11 +24,16 @@ from celery.worker import WorkController, loops
 from celery.worker import state as worker_state
 
 from workflows_celery.application import create_app
-from workflows_celery.constants import EMBEDDED_BROKER_URL, KWARG_QUEUE, KWARG_TOPIC, STEP_TASK_NAME
+from workflows_celery.constants import (
+    EMBEDDED_BROKER_URL,
+    KWARG_QUEUE,
+    KWARG_TOPIC,
+    STEP_TASK_NAME,
+)
 from workflows_celery.hosting import state_for
-from workflows_celery.worker import WorkflowsConsumer
 from workflows_celery.messages import Destination, destination_from_kwargs
 from workflows_celery.simulate import StepRecord
+from workflows_celery.worker import WorkflowsConsumer
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +218,10 @@ def embedded_worker(
     app.conf.worker_hijack_root_logger = False
     # kombu's in-memory transport polls its queues; its default of one poll a
     # second would add up to a second to every step.
-    app.conf.broker_transport_options = {"polling_interval": EMBEDDED_POLL_INTERVAL_S}
+    app.conf.broker_transport_options = {
+        **(app.conf.broker_transport_options or {}),
+        "polling_interval": EMBEDDED_POLL_INTERVAL_S,
+    }
     tracker = FlightTracker(app)
     tracker.connect()
     worker = _EmbeddedWorkController(

@@ -26,6 +26,12 @@ from kombu import Consumer, Queue
 from kombu.message import Message
 
 from workflows_celery.constants import STEP_TASK_NAME
+from workflows_celery.leases import (
+    held_delivery_tags,
+    renew,
+    renewal_interval_s,
+    uses_redis,
+)
 from workflows_celery.messages import Destination, destination_from_kwargs
 
 logger = logging.getLogger(__name__)
@@ -179,15 +185,31 @@ class Listener(threading.Thread):
         self.connected.set()
 
     def _serve(self) -> None:
+        renewing = uses_redis(self._app)
+        interval_s = renewal_interval_s(self._app)
+        next_renewal = time.monotonic() + interval_s
         while not self._stopping.is_set():
             self._run_requests()
             self._release_due_messages()
+            if renewing and time.monotonic() >= next_renewal:
+                self._renew_leases()
+                next_renewal = time.monotonic() + interval_s
             try:
                 self._connection.drain_events(timeout=POLL_INTERVAL_S)
             except socket.timeout:
                 pass
             except TimeoutError:
                 pass
+
+    def _renew_leases(self) -> None:
+        """Keep the messages held here (delayed or awaiting an ack) invisible on Redis."""
+        tags = [
+            tag
+            for subscription in self._subscriptions.values()
+            if subscription.consumer is not None
+            for tag in held_delivery_tags(subscription.consumer.channel)
+        ]
+        renew(self._connection, tags)
 
     def _run_requests(self) -> None:
         while True:

@@ -9,6 +9,7 @@ themselves run where the steps execute: in each prefork child (started on
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from typing import Any
 
@@ -33,8 +34,18 @@ DEFAULT_APP_NAME = "workflows_celery"
 from workflows_celery.deadletter import dead_letter_raw
 from workflows_celery.errors import ServiceNotFoundError
 from workflows_celery.hosting import state_for
+from workflows_celery.leases import (
+    held_delivery_tags,
+    renew,
+    renewal_interval_s,
+    uses_redis,
+)
 from workflows_celery.messages import Destination
-from workflows_celery.services import discover_subscriptions, load_service, parse_service_names
+from workflows_celery.services import (
+    discover_subscriptions,
+    load_service,
+    parse_service_names,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +131,54 @@ class WorkflowsServices(bootsteps.StartStopStep):
     shutdown = stop
 
 
+class LeaseRenewal(bootsteps.StartStopStep):
+    """Worker bootstep that renews the visibility of the messages it holds on Redis.
+
+    A thread of its own does it, because with the solo pool a running step
+    blocks the worker's event loop and timer. See :mod:`workflows_celery.leases`.
+    """
+
+    label = "lease renewal"
+
+    def __init__(self, worker: Any, **options: Any) -> None:
+        self.enabled = uses_redis(worker.app)
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, worker: Any) -> None:
+        if self.enabled and self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, args=(worker,), name="lease renewal", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self, worker: Any) -> None:
+        self._stopping.set()
+
+    shutdown = stop
+
+    def _run(self, worker: Any) -> None:
+        interval_s = renewal_interval_s(worker.app)
+        while not self._stopping.wait(interval_s):
+            self.renew(worker)
+
+    def renew(self, worker: Any) -> None:
+        """Renew the lease of every message the worker's consumer holds."""
+        task_consumer = getattr(getattr(worker, "consumer", None), "task_consumer", None)
+        if task_consumer is None:
+            return
+        try:
+            tags = held_delivery_tags(task_consumer.channel)
+            with worker.app.connection_for_write() as connection:
+                renew(connection, tags)
+        except Exception as error:  # the next renewal tries again
+            logger.warning(
+                "Could not renew the visibility of the held messages (%s); if this "
+                "goes on, Redis gives them to another worker",
+                error,
+            )
+
+
 def _load_for_worker(name: Any) -> Any:
     """Load a service, turning a bad name into a usage error on the command line."""
     try:
@@ -175,6 +234,7 @@ def install_worker_support(app: Celery) -> None:
         app.user_options["worker"].add(SERVICES_OPTION)
         app.user_options["worker"].add(DELIVERY_LIMIT_OPTION)
         app.steps["worker"].add(WorkflowsServices)
+        app.steps["worker"].add(LeaseRenewal)
 
 
 @worker_process_init.connect
