@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 from celery import Celery
 from helpers import Recorder, delete_queues, read_dead_letters, wait_for
+from kombu import Exchange
 from workflows.services.common_service import CommonService
 
-from workflows_celery import create_app, routing
+from workflows_celery import create_app, dlq, routing
 from workflows_celery.constants import STEP_TASK_NAME
 from workflows_celery.deadletter import dead_letter_queue
 from workflows_celery.embedded import embedded_worker
@@ -123,5 +124,43 @@ def test_good_message_after_bad_ones_runs(app: Celery, unique: str) -> None:
 
             CeleryTransport(app).send(queue, {"good": True})
             assert wait_for(lambda: seen.messages == [{"good": True}])
+    finally:
+        delete_queues(app, [queue, dead_letter_queue(queue)])
+
+
+def test_bad_message_kept_and_reinjected_as_is(app: Celery, unique: str) -> None:
+    """A message sent through a named exchange is kept too, and goes back byte for byte."""
+    queue = f"test.bad.{unique}.exchange"
+    seen = Recorder()
+    body = b'{"queue": '
+    try:
+        with embedded_worker([reader_service(queue, seen)], app=app):
+            with app.connection_for_write() as connection:
+                exchange = Exchange(f"test.bad.{unique}.direct", type="direct", auto_delete=True)
+                bound = routing.task_queue(queue)(connection.default_channel)
+                exchange(connection.default_channel).declare()
+                bound.declare()
+                bound.bind_to(exchange=exchange.name, routing_key=queue)
+                producer = connection.Producer()
+                producer.publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=queue,
+                    content_type="application/json",
+                    content_encoding="utf-8",
+                    headers={"task": STEP_TASK_NAME, "id": f"bad-{unique}"},
+                )
+            assert wait_for(lambda: dlq.count(app, queue) == 1)
+
+        letters = dlq.reinject(app, queue, message_ids={f"bad-{unique}"})
+        assert [letter.raw for letter in letters] == [True]
+        (again,) = read_dead_letters(app, queue, expected=1, timeout_s=0.1) or [None]
+        assert again is None
+        with app.connection_for_write() as connection:
+            resent = routing.task_queue(queue)(connection.default_channel).get(no_ack=True)
+        assert resent is not None
+        resent_body = resent.body if isinstance(resent.body, bytes) else resent.body.encode()
+        assert resent_body == body
+        assert resent.headers["workflows-reinjected"]["from"] == dead_letter_queue(queue)
     finally:
         delete_queues(app, [queue, dead_letter_queue(queue)])

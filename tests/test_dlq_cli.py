@@ -168,7 +168,7 @@ def test_reinject_from_exported_file(app: Celery, broker_url: str, unique: str, 
 
 def test_list_on_rabbitmq_needs_queue_names(amqp_url: str) -> None:
     listed = dlq_command(amqp_url, "list")
-    assert listed.returncode == 1
+    assert listed.returncode == 2
     assert "name the queues to check" in listed.stderr
     assert "guest:**@" in listed.stderr
 
@@ -177,3 +177,15 @@ def test_reinject_needs_queue_or_file(redis_url: str) -> None:
     result = dlq_command(redis_url, "reinject")
     assert result.returncode == 2
     assert "name a dead-letter QUEUE or give --file FILE" in result.stderr
+
+
+def test_reinject_unknown_run_fails(redis_url: str, unique: str) -> None:
+    result = dlq_command(redis_url, "reinject", f"test.dlq.{unique}.none", "--run", "3f2c")
+    assert result.returncode == 1
+    assert "no message matched --run/--id" in result.stderr
+
+
+def test_list_unreachable_broker_is_error() -> None:
+    result = dlq_command("redis://:secret@127.0.0.1:1/0", "list")
+    assert result.returncode == 2
+    assert "secret" not in result.stderr + result.stdout

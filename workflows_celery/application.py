@@ -8,6 +8,7 @@ from typing import Any
 from celery import Celery
 
 from workflows_celery.constants import (
+    DEFAULT_APP_NAME,
     DEFAULT_PROCESS_START_TIMEOUT_S,
     SETTING_SERVICES,
     STEP_TASK_NAME,
@@ -70,7 +71,7 @@ def setup_app(app: Celery, *, services: Any = None) -> Celery:
     return app
 
 
-def create_app(broker_url: str | None = None, *, main: str = "workflows_celery") -> Celery:
+def create_app(broker_url: str | None = None, *, main: str = DEFAULT_APP_NAME) -> Celery:
     """Create a new Celery app set up for workflows.
 
     Args:

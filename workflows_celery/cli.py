@@ -142,7 +142,8 @@ def _add_dlq_commands(commands: Any) -> None:
 
     listing = add(
         "list",
-        "count the messages in dead-letter queues; the exit status is 1 when any holds messages",
+        "count the messages in dead-letter queues; the exit status is 1 when any "
+        "holds messages and 2 when they cannot be counted",
         command_dlq_list,
     )
     listing.add_argument(
@@ -190,10 +191,14 @@ def command_dlq_list(args: argparse.Namespace) -> int:
     from workflows_celery import dlq
 
     app = _broker_app(args)
-    if args.queues:
-        counts = {dlq.dead_letter_queue_name(q): dlq.count(app, q) for q in args.queues}
-    else:
-        counts = dlq.list_queues(app)
+    try:
+        if args.queues:
+            counts = {dlq.dead_letter_queue_name(q): dlq.count(app, q) for q in args.queues}
+        else:
+            counts = dlq.list_queues(app)
+    except Exception as error:  # reported apart from "messages present" (exit 1)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     for name, messages in sorted(counts.items()):
         print(f"{name}  {messages} message{'s' if messages != 1 else ''}")
     if not counts:
@@ -248,7 +253,7 @@ def command_dlq_reinject(args: argparse.Namespace) -> int:
     for letter in letters:
         print(f"re-injected {dlq.describe(letter)}")
     print(f"{len(letters)} message(s) re-injected")
-    return 0
+    return _nothing_matched(args, letters)
 
 
 def command_dlq_purge(args: argparse.Namespace) -> int:
@@ -259,7 +264,19 @@ def command_dlq_purge(args: argparse.Namespace) -> int:
         _broker_app(args), args.queue, run_id=args.run, message_ids=set(args.message_ids or ())
     )
     print(f"{len(letters)} message(s) deleted from {dlq.dead_letter_queue_name(args.queue)}")
-    return 0
+    return _nothing_matched(args, letters)
+
+
+def _nothing_matched(args: argparse.Namespace, letters: list[Any]) -> int:
+    """Return 1, with a message, when --run or --id selected no message at all."""
+    if letters or not (getattr(args, "run", None) or getattr(args, "message_ids", None)):
+        return 0
+    print(
+        "error: no message matched --run/--id; run IDs and message IDs must be given "
+        "in full (see 'workflows-celery dlq show QUEUE')",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def command_validate(args: argparse.Namespace) -> int:

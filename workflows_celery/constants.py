@@ -64,5 +64,12 @@ HEADER_DEAD_LETTER_ERROR = "x-workflows-error"
 #: Header of a message re-injected from a dead-letter queue: where from, and when.
 HEADER_REINJECTED = "workflows-reinjected"
 
+#: Name of the ready-made app of ``celery -A workflows_celery``.
+DEFAULT_APP_NAME = "workflows_celery"
+
+#: Celery's default for the ``worker_consumer`` setting, which workflows-celery
+#: replaces with its own consumer unless an app already chose another.
+CELERY_DEFAULT_CONSUMER = "celery.worker.consumer:Consumer"
+
 #: Broker URL of the embedded mode: kombu's in-memory transport, one process.
 EMBEDDED_BROKER_URL = "memory://localhost/"

@@ -175,19 +175,11 @@ def dead_letter_raw(app: Celery, message: Message, reason: str, error: str) -> N
     """Copy a message the worker cannot even decode to its dead-letter queue, byte for byte.
 
     Used for undecodable bodies, content types the worker does not accept
-    (pickle), messages without headers and unknown task names. The queue is
-    the one the message was routed to. The caller rejects the original.
+    (pickle), messages without headers and unknown task names. The dead-letter
+    queue is named after the routing key (the queue, or the topic of a
+    broadcast). The caller rejects the original.
     """
     info = message.delivery_info or {}
-    if info.get("exchange"):
-        # Routed through a named exchange (a broadcast): no queue of its own.
-        logger.error(
-            "Dropped a broadcast message the worker cannot run (%s: %s); headers %.500r",
-            reason,
-            error,
-            message.headers,
-        )
-        return
     queue = dead_letter_queue(str(info.get("routing_key") or "unknown"))
     headers = dict(message.headers or {})
     headers[HEADER_DEATH] = [

@@ -28,6 +28,7 @@ from workflows_celery.constants import (
     HEADER_DEATH,
     HEADER_DELIVERY_COUNT,
     HEADER_REINJECTED,
+    STEP_TASK_NAME,
 )
 from workflows_celery.errors import ConfigurationError
 from workflows_celery.messages import (
@@ -57,7 +58,9 @@ class DeadLetter:
     reason: str | None = None
     dead_lettered_at: int | None = None
     error: str | None = None
-    raw_body: Any = None
+    #: True for a message that is not a step task message; it is kept and
+    #: re-injected byte for byte.
+    raw: bool = False
     _kombu_message: Message | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -82,6 +85,7 @@ class DeadLetter:
             "run-id": self.run_id,
             "headers": self.headers,
             "message": self.message,
+            "raw": self.raw,
         }
 
 
@@ -94,17 +98,18 @@ def _parse(queue_name: str, message: Message) -> DeadLetter:
     try:
         body = message.decode()
     except Exception as decode_error:  # kept as raw bytes for the operator
-        logger.warning("Message in %s cannot be decoded: %s", queue_name, decode_error)
+        logger.debug("Message in %s cannot be decoded: %s", queue_name, decode_error)
         body = message.body
     kwargs = body[1] if isinstance(body, (list, tuple)) and len(body) > 1 else None
-    if isinstance(kwargs, dict):
-        destination = destination_from_kwargs(kwargs)
+    original = death.get("queue") or queue_name[len(DEAD_LETTER_PREFIX) :]
+    is_step = isinstance(kwargs, dict) and headers.get("task") == STEP_TASK_NAME
+    if isinstance(kwargs, dict) and is_step:
+        destination = destination_from_kwargs(kwargs) or Destination(str(original))
         workflows_headers = dict(kwargs.get("headers") or {})
         content = kwargs.get("message")
     else:
-        # Not a step task message (e.g. dead-lettered by RabbitMQ from a queue
-        # that other clients publish to): the body is the message itself.
-        original = death.get("queue") or queue_name[len(DEAD_LETTER_PREFIX) :]
+        # Not a step task message (a message the worker could not run, or one
+        # dead-lettered by RabbitMQ itself): the body is kept as it is.
         destination = Destination(str(original))
         workflows_headers = {}
         content = body
@@ -118,7 +123,7 @@ def _parse(queue_name: str, message: Message) -> DeadLetter:
         reason=death.get("reason"),
         dead_lettered_at=int(time_value) if isinstance(time_value, (int, float)) else None,
         error=error,
-        raw_body=body if kwargs is None else None,
+        raw=not is_step,
         _kombu_message=message,
     )
 
@@ -236,7 +241,10 @@ def reinject(
     with _taken(app, queue) as letters:
         chosen = _select(letters, run_id, message_ids)
         for letter in chosen:
-            publish_messages(app, [_reinjection(letter, to_queue)])
+            if letter.raw:
+                _republish_raw(app, letter, to_queue)
+            else:
+                publish_messages(app, [_reinjection(letter, to_queue)])
             _settle(letter)
             logger.info(
                 "Re-injected message %s from %s into %s",
@@ -245,6 +253,35 @@ def reinject(
                 to_queue or (letter.destination.name if letter.destination else "?"),
             )
         return chosen
+
+
+def _republish_raw(app: Celery, letter: DeadLetter, to_queue: str | None) -> None:
+    """Send a message that is not a step task message back exactly as it was received."""
+    message = letter._kombu_message
+    queue = to_queue or (letter.destination.name if letter.destination else None)
+    if message is None or queue is None:
+        raise ConfigurationError(
+            f"Message {letter.message_id or '(no id)'} in {letter.dead_letter_queue} names "
+            "no queue; give one with --to QUEUE"
+        )
+    headers = {
+        key: value
+        for key, value in (message.headers or {}).items()
+        if key not in (HEADER_DEATH, HEADER_DEAD_LETTER_ERROR)
+    }
+    headers[HEADER_REINJECTED] = {"from": letter.dead_letter_queue, "time": int(time.time())}
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            message.body,
+            exchange="",
+            routing_key=queue,
+            declare=[routing.task_queue(queue)],
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            headers=headers,
+            delivery_mode=2,
+            retry=True,
+        )
 
 
 def _reinjection(letter: DeadLetter, to_queue: str | None) -> OutgoingMessage:
@@ -305,6 +342,13 @@ def reinject_files(
     from workflows_celery.transport import publish_messages
 
     letters = [_load(path) for path in paths]
+    for letter, path in zip(letters, paths):
+        if letter.raw:
+            raise ConfigurationError(
+                f"Cannot re-inject {str(path)!r}: it holds a message that is not a "
+                "workflows message, whose bytes a JSON file cannot keep; re-inject it "
+                "from its dead-letter queue with --id instead"
+            )
     for letter in letters:
         publish_messages(app, [_reinjection(letter, to_queue)])
     return letters
@@ -321,8 +365,13 @@ def _load(path: Path) -> DeadLetter:
             headers=dict(record.get("headers") or {}),
             message=record.get("message"),
             reason=record.get("reason"),
+            dead_lettered_at=record.get("dead-lettered-at"),
+            error=record.get("error"),
+            raw=bool(record.get("raw")),
         )
-    except (OSError, ValueError, AttributeError) as error:
+    except OSError as error:
+        raise ConfigurationError(f"Cannot read {str(path)!r}: {error.strerror}") from None
+    except (ValueError, AttributeError) as error:
         raise ConfigurationError(
             f"Cannot re-inject {str(path)!r}: it is not a dead letter written by "
             f"'workflows-celery dlq export' ({error})"

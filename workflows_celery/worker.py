@@ -21,16 +21,12 @@ from celery.worker.consumer import Consumer
 
 from workflows_celery import routing
 from workflows_celery.constants import (
+    CELERY_DEFAULT_CONSUMER,
+    DEFAULT_APP_NAME,
     DEFAULT_DELIVERY_LIMIT,
     SETTING_DELIVERY_LIMIT,
     SETTING_SERVICES,
 )
-
-#: Celery's default for the ``worker_consumer`` setting.
-CELERY_DEFAULT_CONSUMER = "celery.worker.consumer:Consumer"
-
-#: Name of the ready-made app of ``celery -A workflows_celery``.
-DEFAULT_APP_NAME = "workflows_celery"
 from workflows_celery.deadletter import dead_letter_raw
 from workflows_celery.errors import ServiceNotFoundError
 from workflows_celery.hosting import state_for
