@@ -197,6 +197,18 @@ def dead_letter_raw(app: Celery, message: Message, reason: str, error: str) -> N
         "host": socket.gethostname(),
         "delivery-count": 1,
     }
+    publish_copy(app, message, queue, headers)
+    logger.error(
+        "Message on queue %r moved to dead-letter queue %r (%s: %s)",
+        info.get("routing_key"),
+        queue,
+        reason,
+        error,
+    )
+
+
+def publish_copy(app: Celery, message: Message, queue: str, headers: dict[str, Any]) -> None:
+    """Publish the body of a received message, byte for byte, to ``queue`` with ``headers``."""
     with app.producer_or_acquire() as producer:
         producer.publish(
             message.body,
@@ -209,13 +221,6 @@ def dead_letter_raw(app: Celery, message: Message, reason: str, error: str) -> N
             delivery_mode=2,
             retry=True,
         )
-    logger.error(
-        "Message on queue %r moved to dead-letter queue %r (%s: %s)",
-        info.get("routing_key"),
-        queue,
-        reason,
-        error,
-    )
 
 
 def _publish(app: Celery, outgoing: OutgoingMessage, queue: str | None = None) -> None:

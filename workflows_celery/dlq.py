@@ -30,6 +30,7 @@ from workflows_celery.constants import (
     HEADER_REINJECTED,
     STEP_TASK_NAME,
 )
+from workflows_celery.deadletter import publish_copy
 from workflows_celery.errors import ConfigurationError
 from workflows_celery.messages import (
     Destination,
@@ -270,18 +271,7 @@ def _republish_raw(app: Celery, letter: DeadLetter, to_queue: str | None) -> Non
         if key not in (HEADER_DEATH, HEADER_DEAD_LETTER_ERROR)
     }
     headers[HEADER_REINJECTED] = {"from": letter.dead_letter_queue, "time": int(time.time())}
-    with app.producer_or_acquire() as producer:
-        producer.publish(
-            message.body,
-            exchange="",
-            routing_key=queue,
-            declare=[routing.task_queue(queue)],
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            headers=headers,
-            delivery_mode=2,
-            retry=True,
-        )
+    publish_copy(app, message, queue, headers)
 
 
 def _reinjection(letter: DeadLetter, to_queue: str | None) -> OutgoingMessage:
