@@ -335,7 +335,7 @@ def reinject_files(
     for letter, path in zip(letters, paths):
         if letter.raw:
             raise ConfigurationError(
-                f"Cannot re-inject {str(path)!r}: it holds a message that is not a "
+                f"Cannot re-inject {str(path)!r}: it contains a message that is not a "
                 "workflows message, whose bytes a JSON file cannot keep; re-inject it "
                 "from its dead-letter queue with --id instead"
             )

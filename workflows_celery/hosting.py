@@ -219,7 +219,7 @@ class HostedService:
 
 @dataclass
 class AppState:
-    """What workflows-celery keeps for one Celery app in this process."""
+    """The state workflows-celery keeps for one Celery app in this process."""
 
     service_names: list[Any] = field(default_factory=list)
     function_steps: list[type[CommonService]] = field(default_factory=list)

@@ -48,7 +48,7 @@ def parse_recipe_json(text: str | bytes, origin: str = "recipe") -> dict[str, An
         ) from None
     if not isinstance(data, dict):
         raise InvalidRecipeError(
-            f"Invalid recipe: {origin} holds a JSON {type(data).__name__}, "
+            f"Invalid recipe: {origin} contains a JSON {type(data).__name__}, "
             "expected an object of numbered nodes and 'start'"
         )
     return data
