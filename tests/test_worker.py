@@ -738,15 +738,16 @@ def test_killed_child_loses_nothing(
     assert header["x-delivery-count"] >= 1
 
 
-def test_killed_worker_loses_nothing_on_redis(
-    workers: Workers, redis_url: str, unique: str, tmp_path: Path
+def test_killed_worker_loses_nothing(
+    workers: Workers, broker_url: str, unique: str, tmp_path: Path
 ) -> None:
     """A whole worker killed with SIGKILL mid-step: the next worker runs the step again.
 
-    On Redis the message stays unacknowledged until the visibility timeout
-    (3 s in ``tests.app_short_visibility``) has passed, then comes back.
+    RabbitMQ returns the message when the connection drops. On Redis it stays
+    unacknowledged until the visibility timeout (3 s in
+    ``tests.app_short_visibility``) has passed, then comes back.
     """
-    client = Client(redis_url)
+    client = Client(broker_url)
     prefix = f"test.worker.{unique}.killed"
     client.queues_to_delete += [f"{prefix}.in", f"{prefix}.out"]
     options = {
@@ -759,15 +760,15 @@ def test_killed_worker_loses_nothing_on_redis(
         },
     }
     try:
-        first = workers.get(redis_url, ["tests.services_for_tests:SuddenDeath"], **options)
+        first = workers.get(broker_url, ["tests.services_for_tests:SuddenDeath"], **options)
         collector = client.subscribe(f"{prefix}.out")
         client.transport.send(f"{prefix}.in", "survivor")
         assert wait_until(lambda: any(tmp_path.glob("died-*")), timeout_s=30)
 
         os.kill(first.pid, signal.SIGKILL)
-        assert workers.stop(redis_url) == -signal.SIGKILL
+        assert workers.stop(broker_url) == -signal.SIGKILL
         time.sleep(VISIBILITY_TIMEOUT_S + 1)
-        workers.get(redis_url, ["tests.services_for_tests:SuddenDeath"], **options)
+        workers.get(broker_url, ["tests.services_for_tests:SuddenDeath"], **options)
 
         assert collector.wait_for(lambda calls: len(calls) >= 1, timeout_s=60)
         (_, forwarded), *others = collector.snapshot()
@@ -776,7 +777,7 @@ def test_killed_worker_loses_nothing_on_redis(
         assert forwarded["header"]["redelivered"] is True
         assert forwarded["header"]["x-delivery-count"] >= 1
     finally:
-        workers.stop(redis_url)
+        workers.stop(broker_url)
         client.close()
 
 
