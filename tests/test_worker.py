@@ -123,7 +123,7 @@ class WorkerProcess:
             self.command += ["--services", ",".join(services)]
         self.command += [
             # SampleTxn aborts a quarter of its transactions at random, so one
-            # message may well come back five times in a row; these tests check
+            # message may well come back five times in a row. These tests check
             # that it is processed, not that it is dead-lettered.
             "--delivery-limit", str(WORKER_DELIVERY_LIMIT),
             "-P", pool,

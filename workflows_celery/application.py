@@ -32,7 +32,7 @@ def setup_app(app: Celery, *, services: Any = None) -> Celery:
 
     Args:
         app: The app to prepare.
-        services: Services its workers host unless ``--services`` says otherwise:
+        services: Services its workers host unless ``--services`` names others:
             entry-point names, import paths or classes.
 
     Returns:

@@ -1,8 +1,8 @@
 """Recipes as Celery canvases: one routed signature per ``start`` entry.
 
-The first messages of a run are computed by ``RecipeWrapper.start()`` itself,
-so ``transport-delay``, ``exchange``, queues and topics are honoured exactly as
-python-workflows honours them; each becomes a signature of the step task.
+``RecipeWrapper.start()`` itself computes the first messages of a run, so
+``transport-delay``, ``exchange``, queues and topics are honoured exactly as
+python-workflows honours them. Each message becomes a signature of the step task.
 """
 
 from __future__ import annotations

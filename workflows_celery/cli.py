@@ -187,7 +187,7 @@ def _broker_app(args: argparse.Namespace) -> Any:
 
 
 def command_dlq_list(args: argparse.Namespace) -> int:
-    """Print dead-letter queues with their counts; return 1 when any holds messages."""
+    """Print dead-letter queues with their counts; return 1 when any contains messages."""
     from workflows_celery import dlq
 
     app = _broker_app(args)

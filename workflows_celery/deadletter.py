@@ -1,9 +1,9 @@
 """Redelivery with a delivery limit, and dead-letter queues.
 
-A message that must be processed again (nacked with requeue, returned without
-ack or nack, read by no service, or delivered again by the broker after a worker
-or a connection was lost) is published again as a copy, and the original is
-acked. The copy keeps the message id and carries the number of earlier
+Some messages must be processed again: those nacked with requeue, returned
+without ack or nack, read by no service, or delivered again by the broker after
+a worker or a connection was lost. Each is published again as a copy, and the
+original is acked. The copy keeps the message id and carries the number of earlier
 deliveries in its ``x-delivery-count`` header. Once that count reaches the
 delivery limit (setting ``workflows_delivery_limit``, default 5), the message
 goes to its dead-letter queue ``dlq.<queue>`` instead. A message that a service

@@ -1,6 +1,6 @@
 """Operating dead-letter queues: count, read, export, re-inject and purge.
 
-A dead-letter queue ``dlq.<queue>`` holds step task messages moved there by
+A dead-letter queue ``dlq.<queue>`` contains step task messages moved there by
 :mod:`workflows_celery.deadletter` (or by RabbitMQ's own dead-lettering). Every
 operation reads the queue with unacknowledged gets and puts back what it does
 not consume, so a crash in the middle loses nothing: the broker returns the
@@ -91,11 +91,15 @@ class DeadLetter:
 
 
 def _parse(queue_name: str, message: Message) -> DeadLetter:
+    """Describe one message taken off the dead-letter queue ``queue_name``."""
     headers = dict(message.headers or {})
     deaths = headers.get(HEADER_DEATH)
-    death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
+    death: dict[str, Any] = {}
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        death = deaths[0]
     details = headers.get(HEADER_DEAD_LETTER_ERROR)
     error = details.get("error") if isinstance(details, dict) else None
+
     try:
         body = message.decode()
     except Exception as decode_error:  # kept as raw bytes for the operator
@@ -103,17 +107,19 @@ def _parse(queue_name: str, message: Message) -> DeadLetter:
         body = message.body
     kwargs = body[1] if isinstance(body, (list, tuple)) and len(body) > 1 else None
     original = death.get("queue") or queue_name[len(DEAD_LETTER_PREFIX) :]
-    is_step = isinstance(kwargs, dict) and headers.get("task") == STEP_TASK_NAME
-    if isinstance(kwargs, dict) and is_step:
-        destination = destination_from_kwargs(kwargs) or Destination(str(original))
-        workflows_headers = dict(kwargs.get("headers") or {})
-        content = kwargs.get("message")
+    step_kwargs = kwargs if isinstance(kwargs, dict) and headers.get("task") == STEP_TASK_NAME else None
+
+    if step_kwargs is not None:
+        destination = destination_from_kwargs(step_kwargs) or Destination(str(original))
+        workflows_headers = dict(step_kwargs.get("headers") or {})
+        content = step_kwargs.get("message")
     else:
         # Not a step task message (a message the worker could not run, or one
-        # dead-lettered by RabbitMQ itself): the body is kept as it is.
+        # dead-lettered by RabbitMQ itself), so the body is kept as it is.
         destination = Destination(str(original))
         workflows_headers = {}
         content = body
+
     time_value = death.get("time")
     return DeadLetter(
         message_id=str(headers.get("id") or message.properties.get("message_id") or ""),
@@ -124,7 +130,7 @@ def _parse(queue_name: str, message: Message) -> DeadLetter:
         reason=death.get("reason"),
         dead_lettered_at=int(time_value) if isinstance(time_value, (int, float)) else None,
         error=error,
-        raw=not is_step,
+        raw=step_kwargs is None,
         _kombu_message=message,
     )
 

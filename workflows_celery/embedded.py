@@ -102,7 +102,7 @@ class _EmbeddedTimer(timer2.Timer):
 
 
 class _EmbeddedWorkController(WorkController):
-    """A worker that tells when its consumer is ready."""
+    """A worker that signals when its consumer is ready."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.consumer_ready = threading.Event()

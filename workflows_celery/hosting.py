@@ -258,9 +258,9 @@ def run_step(task: Task, **kwargs: Any) -> None:
     """Body of the step task: hand one message to the subscriptions of its destination.
 
     A message that must be processed again is published again with its
-    delivery count raised, and one that cannot be processed goes to its
-    dead-letter queue (see :mod:`workflows_celery.deadletter`); the original is
-    acked either way.
+    delivery count raised. One that cannot be processed goes to its dead-letter
+    queue (see :mod:`workflows_celery.deadletter`). The original is acked either
+    way.
     """
     request = task.request
     app = task.app

@@ -50,7 +50,7 @@ def renewal_interval_s(app: Celery) -> float:
 
 
 def held_delivery_tags(channel: Any) -> list[str]:
-    """Return the delivery tags a kombu channel holds unacknowledged."""
+    """Return the delivery tags of the unacknowledged messages of a kombu channel."""
     # NOTE: kombu offers no public accessor; ``qos._delivered`` is the map of
     # unacknowledged messages of kombu's virtual transports (Redis among them).
     delivered = getattr(getattr(channel, "qos", None), "_delivered", None) or {}

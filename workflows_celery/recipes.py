@@ -1,8 +1,9 @@
 """Reading, parameterising and validating recipes, with errors that name the problem.
 
-Parsing, parameters and validation are those of ``workflows.recipe.Recipe``;
-this module adds what a command line or a web request needs around them: file
-names in messages, duplicate keys caught, and unresolved destinations found.
+Parsing, parameters and validation are those of ``workflows.recipe.Recipe``.
+This module adds what a command line or a web request needs around them: file
+names in messages, a check for duplicate keys, and a check for destinations
+whose placeholders no parameter filled.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def load_recipe(source: RecipeSource, origin: str | None = None) -> Recipe:
     """Build a ``Recipe`` from a Recipe, a dict, JSON text or a path to a JSON file.
 
     Raises:
-        InvalidRecipeError: the file cannot be read or holds no recipe object.
+        InvalidRecipeError: the file cannot be read or contains no recipe object.
     """
     if isinstance(source, Recipe):
         return Recipe(source.recipe)
