@@ -1,8 +1,10 @@
-"""Messages a worker cannot run are kept in the dead-letter queue, byte for byte.
+"""Bad messages: each gets a clear error and is kept, never lost.
 
 Celery logs and drops a message it cannot decode, whose content type it does
 not accept (pickle), that has no task headers or that names an unknown task.
-The worker's consumer first copies each to ``dlq.<queue>``.
+The worker's consumer first copies each to ``dlq.<queue>``, byte for byte. A
+message without a recipe on a queue read with ``wrap_subscribe`` goes there at
+once, and a message over the size limit is refused to its sender.
 """
 
 from __future__ import annotations
@@ -12,15 +14,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import workflows.recipe
 from celery import Celery
 from helpers import Recorder, delete_queues, read_dead_letters, wait_for
 from kombu import Exchange
 from workflows.services.common_service import CommonService
 
-from workflows_celery import create_app, dlq, routing
-from workflows_celery.constants import STEP_TASK_NAME
+from workflows_celery import CeleryTransport, create_app, dlq, routing
+from workflows_celery.constants import SETTING_MAX_MESSAGE_BYTES, STEP_TASK_NAME
 from workflows_celery.deadletter import dead_letter_queue
 from workflows_celery.embedded import embedded_worker
+from workflows_celery.errors import MessageTooLargeError
 
 
 def reader_service(queue: str, seen: Recorder) -> type[CommonService]:
@@ -120,8 +124,6 @@ def test_good_message_after_bad_ones_runs(app: Celery, unique: str) -> None:
         with embedded_worker([reader_service(queue, seen)], app=app):
             body, options, _ = BAD_MESSAGES["no headers"]
             publish_raw(app, queue, body, **options)
-            from workflows_celery import CeleryTransport
-
             CeleryTransport(app).send(queue, {"good": True})
             assert wait_for(lambda: seen.messages == [{"good": True}])
     finally:
@@ -164,3 +166,118 @@ def test_bad_message_kept_and_reinjected_as_is(app: Celery, unique: str) -> None
         assert resent.headers["workflows-reinjected"]["from"] == dead_letter_queue(queue)
     finally:
         delete_queues(app, [queue, dead_letter_queue(queue)])
+
+
+# -- A message without a recipe on a recipe queue ------------------------------------
+
+
+def recipe_reader(queue: str, seen: Recorder, *, allow_non_recipe: bool = False) -> type[CommonService]:
+    """Build a service that reads ``queue`` with ``wrap_subscribe``, recording what it gets."""
+
+    class RecipeReader(CommonService):
+        _service_name = "Recipe reader"
+
+        def initializing(self) -> None:
+            workflows.recipe.wrap_subscribe(
+                self._transport,
+                queue,
+                self.receive,
+                acknowledgement=True,
+                allow_non_recipe_messages=allow_non_recipe,
+            )
+
+        def receive(self, rw: Any, header: dict[str, Any], message: Any) -> None:
+            seen(header, {"recipe": rw is not None, "message": message})
+            self._transport.ack(header)
+
+    return RecipeReader
+
+
+def assert_dead_lettered_as_not_a_recipe(app: Celery, queue: str) -> None:
+    (letter,) = read_dead_letters(app, queue)
+    error = letter.headers["x-workflows-error"]["error"]
+    assert "carries no recipe" in error and "allow_non_recipe_messages" in error, error
+    assert letter.headers["x-death"][0]["reason"] == "rejected"
+    assert letter.headers["x-death"][0]["queue"] == queue
+    # At once: the first delivery, not the last of five.
+    _, kwargs, _ = letter.decode()
+    assert not kwargs["headers"].get("x-delivery-count")
+    assert kwargs["message"] == {"plain": True}
+
+
+def test_non_recipe_message_on_recipe_queue_dead_lettered_at_once(app: Celery, unique: str) -> None:
+    queue = f"test.bad.{unique}.norecipe"
+    seen = Recorder()
+    try:
+        with embedded_worker([recipe_reader(queue, seen)], app=app):
+            CeleryTransport(app).send(queue, {"plain": True})
+            assert_dead_lettered_as_not_a_recipe(app, queue)
+        assert seen.messages == []
+    finally:
+        delete_queues(app, [queue, dead_letter_queue(queue)])
+
+
+def test_non_recipe_message_dead_lettered_by_plain_subscriber(app: Celery, unique: str) -> None:
+    queue = f"test.bad.{unique}.norecipe.plain"
+    seen = Recorder()
+    receiver = CeleryTransport(app)
+    try:
+        workflows.recipe.wrap_subscribe(
+            receiver, queue, lambda rw, header, message: seen(header, message), acknowledgement=True
+        )
+        CeleryTransport(app).send(queue, {"plain": True})
+        assert_dead_lettered_as_not_a_recipe(app, queue)
+        assert seen.messages == []
+    finally:
+        receiver.disconnect()
+        delete_queues(app, [queue, dead_letter_queue(queue)])
+
+
+def test_non_recipe_message_reaches_service_that_allows_it(app: Celery, unique: str) -> None:
+    queue = f"test.bad.{unique}.allowed"
+    seen = Recorder()
+    try:
+        with embedded_worker([recipe_reader(queue, seen, allow_non_recipe=True)], app=app):
+            CeleryTransport(app).send(queue, {"plain": True})
+            assert wait_for(lambda: len(seen.messages) == 1)
+        assert seen.messages == [{"recipe": False, "message": {"plain": True}}]
+        assert dlq.count(app, queue) == 0
+    finally:
+        delete_queues(app, [queue, dead_letter_queue(queue)])
+
+
+# -- Size limit -------------------------------------------------------------------------
+
+
+def queue_length(app: Celery, queue: str) -> int:
+    """Return the number of messages waiting in ``queue`` (declaring it if needed)."""
+    with app.connection_for_write() as connection:
+        channel = connection.channel()
+        try:
+            routing.task_queue(queue)(channel).declare()
+            return int(channel.queue_declare(queue, passive=True).message_count)
+        finally:
+            channel.close()
+
+
+def test_message_over_size_limit_refused_at_sender(app: Celery, unique: str) -> None:
+    queue = f"test.bad.{unique}.large"
+    app.conf[SETTING_MAX_MESSAGE_BYTES] = 1000
+    sender = CeleryTransport(app)
+    try:
+        with pytest.raises(MessageTooLargeError) as raised:
+            sender.send(queue, {"data": "x" * 2000})
+        text = str(raised.value)
+        assert queue in text and "over the limit of 1000 bytes" in text
+        assert SETTING_MAX_MESSAGE_BYTES in text and "path of a file" in text
+
+        transaction = sender.transaction_begin()
+        with pytest.raises(MessageTooLargeError):
+            sender.send(queue, {"data": "x" * 2000}, transaction=transaction)
+        sender.send(queue, {"data": "small"}, transaction=transaction)
+        sender.transaction_commit(transaction)
+
+        # Only the small message was sent.
+        assert wait_for(lambda: queue_length(app, queue) == 1)
+    finally:
+        delete_queues(app, [queue])

@@ -17,6 +17,9 @@ from workflows_celery.constants import (
 #: Celery's own default for ``worker_proc_alive_timeout``, in seconds.
 _CELERY_PROCESS_START_TIMEOUT_S = 4.0
 
+#: Broker URL schemes of RabbitMQ through py-amqp.
+_AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
+
 _default_app: Celery | None = None
 _default_app_lock = threading.Lock()
 
@@ -39,7 +42,6 @@ def setup_app(app: Celery, *, services: Any = None) -> Celery:
         The same app, for chaining.
     """
     from workflows_celery.hosting import run_step
-    from workflows_celery.leases import set_default_visibility_timeout, uses_redis
     from workflows_celery.worker import install_worker_support
 
     app.conf.update(
@@ -53,8 +55,7 @@ def setup_app(app: Celery, *, services: Any = None) -> Celery:
         app.conf.worker_proc_alive_timeout = DEFAULT_PROCESS_START_TIMEOUT_S
     if services is not None:
         app.conf[SETTING_SERVICES] = services
-    if uses_redis(app):
-        set_default_visibility_timeout(app)
+    apply_broker_defaults(app)
 
     if STEP_TASK_NAME not in app.tasks:
         # Not shared: each app's step task serves that app's hosted services.
@@ -69,6 +70,33 @@ def setup_app(app: Celery, *, services: Any = None) -> Celery:
         )(run_step)
     install_worker_support(app)
     return app
+
+
+def apply_broker_defaults(app: Celery) -> None:
+    """Give ``app`` the settings its broker needs for at-least-once delivery.
+
+    Settings the app already has are kept. On Redis: the transport of
+    :mod:`workflows_celery.redis_transport` and a visibility timeout of two
+    minutes (renewed while a message is held, see :mod:`workflows_celery.leases`).
+    On RabbitMQ: publisher confirms, so that a send returns only once the broker
+    has the message.
+
+    ``setup_app`` calls it, and so does the worker once ``celery -b URL`` has
+    set the broker (the command line sets it after the app is loaded).
+    """
+    from workflows_celery.leases import set_default_visibility_timeout, uses_redis
+    from workflows_celery.redis_transport import TRANSPORT_NAME
+
+    url = str(app.conf.broker_url or "")
+    scheme = url.partition("://")[0].lower()
+    if uses_redis(app):
+        set_default_visibility_timeout(app)
+    if scheme == "redis" and not app.conf.broker_transport:
+        app.conf.broker_transport = TRANSPORT_NAME
+    if scheme in _AMQP_SCHEMES:
+        options = dict(app.conf.broker_transport_options or {})
+        options.setdefault("confirm_publish", True)
+        app.conf.broker_transport_options = options
 
 
 def create_app(broker_url: str | None = None, *, main: str = DEFAULT_APP_NAME) -> Celery:

@@ -47,6 +47,13 @@ DEFAULT_DELIVERY_LIMIT = 5
 #: Setting that overrides :data:`DEFAULT_DELIVERY_LIMIT`.
 SETTING_DELIVERY_LIMIT = "workflows_delivery_limit"
 
+#: Largest message a sender may send, in bytes of JSON: the message and its
+#: headers. Large data belongs in files; messages carry their paths.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+#: Setting that overrides :data:`DEFAULT_MAX_MESSAGE_BYTES` (0: no limit).
+SETTING_MAX_MESSAGE_BYTES = "workflows_max_message_bytes"
+
 #: Prefix of dead-letter queue names: messages of queue ``q`` end up in ``dlq.q``.
 DEAD_LETTER_PREFIX = "dlq."
 

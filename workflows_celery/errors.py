@@ -32,6 +32,14 @@ class MessageEncodeError(WorkflowsCeleryError):
     """Raised to the sender when a message or its headers cannot be sent as JSON."""
 
 
+class MessageTooLargeError(MessageEncodeError):
+    """Raised to the sender when a message is larger than the size limit."""
+
+
+class NotARecipeError(WorkflowsCeleryError):
+    """Raised when a message without a recipe reaches a subscription that takes recipes only."""
+
+
 class InvalidSendOptionError(WorkflowsCeleryError):
     """Raised when a send option (delay, expiration, transaction) has a bad value."""
 

@@ -18,10 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery, Task
+from celery.exceptions import Reject
 from workflows.services.common_service import CommonService
 
 from workflows_celery import deadletter, logcontext
-from workflows_celery.errors import ConfigurationError
+from workflows_celery.errors import (
+    ConfigurationError,
+    NotARecipeError,
+    TransportNotConnectedError,
+)
 from workflows_celery.messages import Destination, destination_from_kwargs
 from workflows_celery.transport import CeleryTransport, Settlement, SubscriptionBinder
 
@@ -260,7 +265,8 @@ def run_step(task: Task, **kwargs: Any) -> None:
     A message that must be processed again is published again with its
     delivery count raised. One that cannot be processed goes to its dead-letter
     queue (see :mod:`workflows_celery.deadletter`). The original is acked either
-    way.
+    way, unless the broker could not be reached: then it is returned to the
+    broker, which delivers it again.
     """
     request = task.request
     app = task.app
@@ -303,6 +309,20 @@ def run_step(task: Task, **kwargs: Any) -> None:
     for handler in handlers:
         try:
             outcome = _deliver(handler, request, destination, headers, message, fields)
+        except NotARecipeError as error:
+            logger.error("%s", error)
+            delivery.dead(deadletter.REASON_REJECTED, str(error))
+            return
+        except TransportNotConnectedError as error:
+            # The broker went away in the middle of the step. Nothing of its
+            # transaction was published, so the message goes back to be done again.
+            logger.warning(
+                "Step for message %s on %s returned to the queue: %s",
+                request.id,
+                destination,
+                error,
+            )
+            raise Reject(str(error), requeue=True) from error
         except Exception as error:
             if not destination.is_topic:
                 delivery.dead(deadletter.REASON_FAILED, f"{handler.host.name} raised {error!r}")

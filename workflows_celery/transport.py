@@ -40,7 +40,8 @@ import argparse
 import json
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,10 +52,19 @@ from celery._state import get_current_task
 from kombu.message import Message
 from workflows.transport.common_transport import CommonTransport, MessageCallback
 
-from workflows_celery import deadletter, routing
-from workflows_celery.constants import STATUS_EXPIRATION_S, STATUS_TOPIC, STEP_TASK_NAME
+from workflows_celery import deadletter, redis_transport, routing
+from workflows_celery.constants import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    HEADER_RECIPE,
+    SETTING_MAX_MESSAGE_BYTES,
+    STATUS_EXPIRATION_S,
+    STATUS_TOPIC,
+    STEP_TASK_NAME,
+)
 from workflows_celery.errors import (
     MessageEncodeError,
+    MessageTooLargeError,
+    NotARecipeError,
     TransportNotConnectedError,
     UnknownSubscriptionError,
 )
@@ -312,16 +322,16 @@ class CeleryTransport(CommonTransport):
             expiration_s=check_seconds("expiration", expiration),
             exchange=exchange,
         )
+        # Checked now, also in a transaction, so that the sender gets the error
+        # at the send and not at the commit.
+        _check_message(outgoing, max_message_bytes(self.app))
         if transaction is not None:
-            # Checked now, so that the sender gets the error at the send and not
-            # at the commit. kombu checks an immediate send as it encodes it.
-            _check_serialisable(outgoing)
             self._transaction(transaction).sends.append(outgoing)
             return
         self.publish([outgoing])
 
-    def publish(self, messages: list[OutgoingMessage]) -> None:
-        """Publish messages now, in order, over one pooled producer."""
+    def publish(self, messages: list[OutgoingMessage], *, together: bool = False) -> None:
+        """Publish messages now, in order; with ``together``, all of them or none."""
         if self.capture is not None:
             self.capture.extend(messages)
             return
@@ -329,7 +339,10 @@ class CeleryTransport(CommonTransport):
             for outgoing in messages:
                 logger.debug("Dry run: not sending to %s", outgoing.destination)
             return
-        publish_messages(self.app, messages)
+        if together and len(messages) > 1:
+            publish_together(self.app, messages)
+        else:
+            publish_messages(self.app, messages)
 
     # -- Subscribing ----------------------------------------------------------------
 
@@ -465,9 +478,20 @@ class CeleryTransport(CommonTransport):
             destination=destination,
             delivery_info=delivery_info,
         )
+        callback = self.subscription_callback(subscription_id)
+        if headers.get(HEADER_RECIPE) not in _RECIPE_FLAGS and _takes_recipes_only(callback):
+            # workflows would nack it, and it would come back until the
+            # delivery limit: it goes to the dead-letter queue at once instead.
+            raise NotARecipeError(
+                f"Message {message_id} on {destination} carries no recipe (no "
+                f"{HEADER_RECIPE} header), but its service reads that {destination.kind} "
+                "with wrap_subscribe; send it as a step of a recipe (workflows-celery "
+                "run, start_recipe or RecipeWrapper.send), or subscribe with "
+                "allow_non_recipe_messages=True"
+            )
         if info.acknowledgement:
             self._deliveries[(subscription_id, message_id)] = _Delivery(subscription_id, settle)
-        self.subscription_callback(subscription_id)(header, message)
+        callback(header, message)
 
     def requires_ack(self, subscription_id: int) -> bool:
         """Tell whether the service must ack or nack each message of a subscription."""
@@ -542,6 +566,22 @@ class CeleryTransport(CommonTransport):
                 delivery_info=kombu_message.delivery_info,
                 settle=settle,
             )
+        except NotARecipeError as error:
+            logger.error("%s", error)
+            dead(deadletter.REASON_REJECTED, str(error))
+            kombu_message.ack()
+        except TransportNotConnectedError as error:
+            # Nothing of a transaction was published: the message goes back
+            # to be processed again.
+            logger.warning(
+                "Message %s on %s returned to the queue: %s", message_id, destination, error
+            )
+            self.forget_delivery(subscription_id, message_id)
+            if not kombu_message.acknowledged:
+                try:
+                    kombu_message.reject(requeue=True)
+                except Exception:  # the broker gives it back when the connection closes
+                    logger.debug("Could not return message %s", message_id, exc_info=True)
         except Exception as error:
             logger.error(
                 "Callback of subscription %d on %s failed for message %s",
@@ -618,9 +658,10 @@ class CeleryTransport(CommonTransport):
 
     def _transaction_commit(self, transaction_id: int, **kwargs: Any) -> None:
         pending = self._transactions.pop(transaction_id)
-        # Sends go first: if publishing fails, the message is not acked and comes
-        # back, so the step is redone as a whole.
-        self.publish(pending.sends)
+        # Sends go first, all together: if publishing fails, none of them is
+        # published and the message is not acked, so it comes back and the
+        # step is redone as a whole.
+        self.publish(pending.sends, together=True)
         for key, outcome in pending.settlements:
             delivery = self._deliveries.pop(key, None)
             if delivery is not None:
@@ -639,24 +680,62 @@ class CeleryTransport(CommonTransport):
         return message
 
 
-def _check_serialisable(outgoing: OutgoingMessage) -> None:
-    # kombu's encoder, as used by the JSON serialiser when publishing, so a
-    # transaction accepts the same values (Decimal, datetime, UUID) as a send.
+#: Values of the recipe header that workflows takes to mean "a recipe".
+_RECIPE_FLAGS = (True, "True", "true", 1)
+
+
+def _takes_recipes_only(callback: Callable[..., Any]) -> bool:
+    """Tell whether ``callback`` is workflows' ``wrap_subscribe`` wrapper refusing non-recipes."""
+    # NOTE: workflows offers no way to ask a subscription whether it unwraps
+    # recipes, so its wrapper is recognised by its code and its closure; when
+    # that fails, the message takes the slower path of nack and delivery limit.
+    for _ in range(3):
+        code = getattr(callback, "__code__", None)
+        cells = getattr(callback, "__closure__", None) or ()
+        if code is None or len(cells) != len(code.co_freevars):
+            return False
+        free = dict(zip(code.co_freevars, cells, strict=True))
+        if code.co_name == "unwrap_recipe" and "allow_non_recipe_messages" in free:
+            return not free["allow_non_recipe_messages"].cell_contents
+        if "callback" not in free:
+            return False
+        # A transport wraps the service's callback to decode the message.
+        callback = free["callback"].cell_contents
+    return False
+
+
+def max_message_bytes(app: Celery) -> int:
+    """Return the size limit of a message for ``app``, in bytes (0: no limit)."""
+    value = app.conf.get(SETTING_MAX_MESSAGE_BYTES)
+    return DEFAULT_MAX_MESSAGE_BYTES if value is None else max(int(value), 0)
+
+
+def _check_message(outgoing: OutgoingMessage, limit: int) -> None:
+    """Check that a message can be sent: JSON serialisable, and not over ``limit`` bytes."""
+    # kombu's encoder, as used by the JSON serialiser when publishing, so the
+    # same values (Decimal, datetime, UUID) pass here as there.
     try:
-        kombu.utils.json.dumps(outgoing.headers)
+        headers = kombu.utils.json.dumps(outgoing.headers)
     except (TypeError, ValueError) as error:
         raise MessageEncodeError(
             f"Cannot send to {outgoing.destination}: the headers are not JSON "
             f"serialisable ({error}); use string keys and JSON values"
         ) from error
     try:
-        kombu.utils.json.dumps(outgoing.message)
+        body = kombu.utils.json.dumps(outgoing.message)
     except (TypeError, ValueError) as error:
         raise MessageEncodeError(
             f"Cannot send to {outgoing.destination}: the message is not JSON "
             f"serialisable ({error}); send only dicts, lists, strings, numbers, "
             "booleans and None"
         ) from error
+    size = len(headers.encode()) + len(body.encode())
+    if limit and size > limit:
+        raise MessageTooLargeError(
+            f"Cannot send to {outgoing.destination}: the message is {size} bytes of "
+            f"JSON, over the limit of {limit} bytes; send the path of a file holding "
+            f"the data instead, or raise the {SETTING_MAX_MESSAGE_BYTES} setting"
+        )
 
 
 def publish_messages(
@@ -675,26 +754,89 @@ def publish_messages(
     """
     if not messages:
         return
-    outgoing = messages[0]
-    try:
+    with _publish_errors(app, messages):
         with app.producer_or_acquire() as producer:
             for outgoing in messages:
-                _publish_one(app, producer, outgoing, queue)
+                _publish_one(app, producer, outgoing, queue, retry=True)
+
+
+def publish_together(app: Celery, messages: list[OutgoingMessage]) -> None:
+    """Publish messages so that the broker stores all of them or none.
+
+    On RabbitMQ they go in one AMQP transaction, on Redis in one MULTI/EXEC
+    transaction. Nothing is retried inside: when the connection fails, nothing
+    was published and the caller redoes the whole.
+
+    Raises:
+        MessageEncodeError: a message is not JSON serialisable.
+        TransportNotConnectedError: the broker cannot be reached.
+    """
+    if not messages:
+        return
+    with _publish_errors(app, messages):
+        if _uses_amqp(app):
+            # A channel in confirm mode cannot use transactions, so this
+            # connection leaves publisher confirms off; the commit confirms.
+            with app.connection_for_write(
+                transport_options={"confirm_publish": False}
+            ) as connection:
+                channel = connection.channel()
+                try:
+                    channel.tx_select()
+                    producer = app.amqp.Producer(channel, auto_declare=False)
+                    for outgoing in messages:
+                        _publish_one(app, producer, outgoing, None, retry=False)
+                    channel.tx_commit()
+                finally:
+                    _close_quietly(connection, channel)
+            return
+        with app.producer_or_acquire() as producer:
+            with redis_transport.publishing_together(producer.channel):
+                for outgoing in messages:
+                    _publish_one(app, producer, outgoing, None, retry=False)
+
+
+def _uses_amqp(app: Celery) -> bool:
+    with app.connection_for_write() as connection:
+        return connection.transport.driver_type == "amqp"
+
+
+def _close_quietly(connection: Any, channel: Any) -> None:
+    try:
+        channel.close()
+    except connection.channel_errors + connection.connection_errors:
+        logger.debug("Channel already closed by the broker")
+
+
+@contextmanager
+def _publish_errors(app: Celery, messages: list[OutgoingMessage]) -> Iterator[None]:
+    """Turn kombu's publishing errors into this package's, naming the destination."""
+    first = messages[0].destination
+    try:
+        yield
     except kombu.exceptions.EncodeError as error:
         raise MessageEncodeError(
-            f"Cannot send to {outgoing.destination}: the message is not JSON "
+            f"Cannot send to {first}: the message is not JSON "
             f"serialisable ({error}); send only dicts, lists, strings, numbers, "
             "booleans and None"
         ) from error
-    except kombu.exceptions.OperationalError as error:
-        raise TransportNotConnectedError(
-            f"Cannot send to {outgoing.destination}: broker "
-            f"{mask_url(app.conf.broker_url)} unreachable ({error})"
-        ) from error
+    except Exception as error:
+        if isinstance(error, (kombu.exceptions.OperationalError, *_connection_errors(app))):
+            raise TransportNotConnectedError(
+                f"Cannot send to {first}: broker "
+                f"{mask_url(app.conf.broker_url)} unreachable ({error})"
+            ) from error
+        raise
+
+
+def _connection_errors(app: Celery) -> tuple[type[BaseException], ...]:
+    """The exceptions that mean the broker connection was lost, for ``app``'s broker."""
+    with app.connection_for_write() as connection:
+        return tuple(connection.connection_errors) + tuple(connection.channel_errors)
 
 
 def _publish_one(
-    app: Celery, producer: Any, outgoing: OutgoingMessage, queue: str | None
+    app: Celery, producer: Any, outgoing: OutgoingMessage, queue: str | None, *, retry: bool
 ) -> None:
     """Publish one message as a step task message, routed explicitly."""
     expires = outgoing.expiration_s if outgoing.expiration_s is not None else outgoing.expires_at
@@ -718,7 +860,7 @@ def _publish_one(
         producer,
         STEP_TASK_NAME,
         task_message,
-        retry=True,
+        retry=retry,
         headers=outgoing.broker_headers or None,
         **(route_options(outgoing) if queue is None else {"queue": routing.task_queue(queue)}),
     )

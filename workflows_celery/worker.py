@@ -20,6 +20,7 @@ from celery.signals import worker_process_init, worker_process_shutdown
 from celery.worker.consumer import Consumer
 
 from workflows_celery import routing
+from workflows_celery.application import apply_broker_defaults
 from workflows_celery.constants import (
     CELERY_DEFAULT_CONSUMER,
     DEFAULT_APP_NAME,
@@ -79,6 +80,8 @@ class WorkflowsServices(bootsteps.StartStopStep):
         self, worker: Any, services: Any = None, delivery_limit: int | None = None, **options: Any
     ) -> None:
         app = worker.app
+        # ``celery -b URL`` sets the broker after the app was set up.
+        apply_broker_defaults(app)
         if delivery_limit is not None:
             app.conf[SETTING_DELIVERY_LIMIT] = delivery_limit
         state = state_for(app)
