@@ -7,9 +7,13 @@ commands count, show, export and re-inject it, and the run then completes.
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,7 @@ from celery import Celery
 from helpers import Recorder, delete_queues, wait_for
 from workflows.services.common_service import CommonService
 
-from workflows_celery import create_app, start_recipe
+from workflows_celery import CeleryTransport, create_app, dlq, routing, start_recipe
 from workflows_celery.constants import HEADER_REINJECTED
 from workflows_celery.deadletter import dead_letter_queue
 from workflows_celery.embedded import embedded_worker
@@ -190,3 +194,75 @@ def test_list_unreachable_broker_is_error() -> None:
     result = dlq_command("redis://:secret@127.0.0.1:1/0", "list")
     assert result.returncode == 2
     assert "secret" not in result.stderr + result.stdout
+
+
+@contextmanager
+def rabbitmq_dead_lettering(queue: str) -> Iterator[None]:
+    """Let RabbitMQ itself dead-letter the messages of ``queue`` to ``dlq.<queue>``.
+
+    A policy does it, as Zocalo configures RabbitMQ, because queue arguments
+    would clash with the plain durable queue that senders declare.
+    """
+    name = f"workflows-celery-test-{queue}"
+    definition = json.dumps(
+        {"dead-letter-exchange": "", "dead-letter-routing-key": dead_letter_queue(queue)}
+    )
+    pattern = "^" + re.escape(queue) + "$"
+    rabbitmqctl = shutil.which("rabbitmqctl")
+    if rabbitmqctl is None:
+        pytest.skip("rabbitmqctl is not installed")
+    subprocess.run(
+        [rabbitmqctl, "-q", "set_policy", "--apply-to", "queues", name, pattern, definition],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    try:
+        yield
+    finally:
+        subprocess.run(
+            [rabbitmqctl, "-q", "clear_policy", name], check=True, capture_output=True, timeout=60
+        )
+
+
+def test_rabbitmq_dead_letter_read_and_reinjected(amqp_url: str, unique: str) -> None:
+    """A message dead-lettered by RabbitMQ, with its own x-death, round-trips too."""
+    app = create_app(amqp_url, main="tests.dlq_cli.native")
+    queue = f"test.dlq.{unique}.native"
+    received = Recorder()
+    receiver = CeleryTransport(app)
+    try:
+        with rabbitmq_dead_lettering(queue):
+            CeleryTransport(app).send(queue, {"image": 7}, headers={"origin": "test"})
+            with app.connection_for_write() as connection:
+                channel = connection.default_channel
+                # RabbitMQ drops what it would dead-letter to a missing queue.
+                routing.task_queue(dead_letter_queue(queue))(channel).declare()
+                taken = routing.task_queue(queue)(channel).get()
+                assert taken is not None
+                taken.reject(requeue=False)
+
+            assert wait_for(lambda: dlq.count(app, queue) == 1)
+            (letter,) = dlq.read(app, queue)
+            assert letter.reason == "rejected"
+            assert letter.destination is not None and letter.destination.name == queue
+            assert letter.message == {"image": 7}
+            assert letter.headers["origin"] == "test"
+            assert letter.dead_lettered_at is not None
+            assert abs(letter.dead_lettered_at - time.time()) < 300
+
+            shown = dlq_command(amqp_url, "show", queue)
+            assert shown.returncode == 0, shown.stderr
+            assert "rejected" in shown.stdout and queue in shown.stdout
+
+            reinjected = dlq_command(amqp_url, "reinject", queue)
+            assert reinjected.returncode == 0, reinjected.stderr
+            receiver.subscribe(queue, received)
+            assert wait_for(lambda: received.messages == [{"image": 7}])
+            header = received.headers[0]
+            assert header[HEADER_REINJECTED]["from"] == dead_letter_queue(queue)
+            assert header["origin"] == "test"
+    finally:
+        receiver.disconnect()
+        delete_queues(app, [queue, dead_letter_queue(queue)])
+        app.close()

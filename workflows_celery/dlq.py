@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +121,6 @@ def _parse(queue_name: str, message: Message) -> DeadLetter:
         workflows_headers = {}
         content = body
 
-    time_value = death.get("time")
     return DeadLetter(
         message_id=str(headers.get("id") or message.properties.get("message_id") or ""),
         dead_letter_queue=queue_name,
@@ -128,11 +128,24 @@ def _parse(queue_name: str, message: Message) -> DeadLetter:
         headers=workflows_headers,
         message=content,
         reason=death.get("reason"),
-        dead_lettered_at=int(time_value) if isinstance(time_value, (int, float)) else None,
+        dead_lettered_at=_epoch_seconds(death.get("time")),
         error=error,
         raw=step_kwargs is None,
         _kombu_message=message,
     )
+
+
+def _epoch_seconds(value: Any) -> int | None:
+    """Return the time of an ``x-death`` record in seconds since the epoch.
+
+    workflows-celery writes a number; RabbitMQ writes an AMQP timestamp, which
+    py-amqp decodes to a datetime.
+    """
+    if isinstance(value, datetime):
+        return int(value.timestamp())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    return None
 
 
 @contextmanager
