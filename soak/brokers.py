@@ -186,24 +186,32 @@ class PrivateRedis(PrivateBroker):
 
 
 class PrivateRabbitMQ(PrivateBroker):
-    """A RabbitMQ node of its own, with its own name, ports and database folder."""
+    """A RabbitMQ node of its own, with its own name, ports and database folder.
+
+    Args:
+        folder: Where the node's output goes.
+        management: Also run the management plugin, on a free port of 127.0.0.1.
+    """
 
     kind = "rabbitmq"
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, management: bool = False) -> None:
         super().__init__(folder)
         self.node_name = f"soak-{uuid.uuid4().hex[:8]}@localhost"
         self.distribution_port = free_port()
+        self.management_port = free_port() if management else None
         # rabbitmq-server started by root runs the node as the rabbitmq user,
         # which must own the node's files and reach them: a folder of its own
         # in the temporary directory, whatever ``folder`` is.
         self.node_folder = Path(tempfile.mkdtemp(prefix="workflows-celery-rabbitmq-"))
         node = self.node_folder
-        (node / "rabbitmq.conf").write_text(
-            f"listeners.tcp.local = 127.0.0.1:{self.port}\n"
-            "loopback_users = none\n"
-        )
-        (node / "enabled_plugins").write_text("[].\n")
+        config = f"listeners.tcp.local = 127.0.0.1:{self.port}\nloopback_users = none\n"
+        plugins = "[]."
+        if self.management_port is not None:
+            config += f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self.management_port}\n"
+            plugins = "[rabbitmq_management]."
+        (node / "rabbitmq.conf").write_text(config)
+        (node / "enabled_plugins").write_text(plugins + "\n")
         for sub in ("database", "log"):
             (node / sub).mkdir(exist_ok=True)
         if os.geteuid() == 0:
@@ -213,6 +221,25 @@ class PrivateRabbitMQ(PrivateBroker):
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    @property
+    def management_url(self) -> str:
+        """Address of the management API (only with ``management=True``)."""
+        if self.management_port is None:
+            raise BrokerError("this node runs without the management plugin")
+        return f"http://127.0.0.1:{self.management_port}"
+
+    def start(self) -> None:
+        super().start()
+        if self.management_port is None:
+            return
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not port_open(self.management_port):
+            if time.monotonic() > deadline:
+                raise BrokerError(
+                    f"RabbitMQ management API did not start on 127.0.0.1:{self.management_port}"
+                )
+            time.sleep(0.2)
 
     def command(self) -> list[str]:
         return [shutil.which("rabbitmq-server") or "rabbitmq-server"]

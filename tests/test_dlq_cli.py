@@ -23,6 +23,7 @@ from celery import Celery
 from helpers import Recorder, delete_queues, wait_for
 from workflows.services.common_service import CommonService
 
+from soak.brokers import PrivateRabbitMQ, free_port
 from workflows_celery import CeleryTransport, create_app, dlq, routing, start_recipe
 from workflows_celery.constants import HEADER_REINJECTED
 from workflows_celery.deadletter import dead_letter_queue
@@ -171,11 +172,43 @@ def test_reinject_from_exported_file(app: Celery, broker_url: str, unique: str, 
         delete_queues(app, [queue, dead_letter_queue(queue)])
 
 
-def test_list_on_rabbitmq_needs_queue_names(amqp_url: str) -> None:
-    listed = dlq_command(amqp_url, "list")
+def test_list_without_management_api_fails(amqp_url: str) -> None:
+    listed = dlq_command(amqp_url, "list", "--management-url", f"http://127.0.0.1:{free_port()}")
     assert listed.returncode == 2
+    assert "management API at http://127.0.0.1:" in listed.stderr
+    assert "rabbitmq_management" in listed.stderr
     assert "name the queues to check" in listed.stderr
     assert "guest:**@" in listed.stderr
+
+
+@pytest.mark.timeout(180)
+def test_list_on_rabbitmq_finds_every_dead_letter_queue(tmp_path: Path, unique: str) -> None:
+    if shutil.which("rabbitmq-server") is None:
+        pytest.skip("rabbitmq-server is not installed")
+    broker = PrivateRabbitMQ(tmp_path / "broker", management=True)
+    broker.start()
+    app = create_app(broker.url, main="tests.dlq_cli.listing")
+    try:
+        full, empty = f"test.{unique}.full", f"test.{unique}.empty"
+        with app.connection_for_write() as connection:
+            channel = connection.default_channel
+            for name in (full, dead_letter_queue(full), dead_letter_queue(empty)):
+                routing.task_queue(name)(channel).declare()
+            producer = connection.Producer()
+            for n in range(2):
+                producer.publish({"n": n}, routing_key=dead_letter_queue(full))
+
+        listed = dlq_command(broker.url, "list", "--management-url", broker.management_url)
+
+        assert listed.returncode == 1, listed.stderr
+        assert listed.stdout.splitlines() == [
+            f"{dead_letter_queue(empty)}  0 messages",
+            f"{dead_letter_queue(full)}  2 messages",
+        ]
+    finally:
+        app.close()
+        broker.stop()
+        broker.remove_data()
 
 
 def test_reinject_needs_queue_or_file(redis_url: str) -> None:

@@ -147,7 +147,16 @@ def _add_dlq_commands(commands: Any) -> None:
         command_dlq_list,
     )
     listing.add_argument(
-        "queues", nargs="*", metavar="QUEUE", help="queues to check (default: all, Redis only)"
+        "queues",
+        nargs="*",
+        metavar="QUEUE",
+        help="queues to check (default: every dlq.* queue; on RabbitMQ this needs the "
+        "management API)",
+    )
+    listing.add_argument(
+        "--management-url",
+        metavar="URL",
+        help="RabbitMQ management API address (default: http://BROKER-HOST:15672)",
     )
     show = add("show", "print the messages of a dead-letter queue", command_dlq_show)
     show.add_argument("queue", metavar="QUEUE")
@@ -195,7 +204,7 @@ def command_dlq_list(args: argparse.Namespace) -> int:
         if args.queues:
             counts = {dlq.dead_letter_queue_name(q): dlq.count(app, q) for q in args.queues}
         else:
-            counts = dlq.list_queues(app)
+            counts = dlq.list_queues(app, management_url=args.management_url)
     except Exception as error:  # reported apart from "messages present" (exit 1)
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ from typing import Any
 from celery import Celery
 from kombu.message import Message
 
-from workflows_celery import routing
+from workflows_celery import rabbitmq_api, routing
 from workflows_celery.constants import (
     DEAD_LETTER_PREFIX,
     HEADER_DEAD_LETTER_ERROR,
@@ -204,12 +204,21 @@ def count(app: Celery, queue: str) -> int:
                 logger.debug("Channel already closed by the broker")
 
 
-def list_queues(app: Celery) -> dict[str, int]:
+def list_queues(app: Celery, *, management_url: str | None = None) -> dict[str, int]:
     """Return every dead-letter queue with its message count.
 
+    Redis is scanned for the queues. RabbitMQ names them through its
+    management API (see :mod:`workflows_celery.rabbitmq_api`), and each is then
+    counted over AMQP, which is exact where the API's figures lag by seconds.
+
+    Args:
+        app: The app whose broker holds the queues.
+        management_url: Address of RabbitMQ's management API (default: port
+            15672 of the broker's host).
+
     Raises:
-        ConfigurationError: the broker cannot list queues (RabbitMQ without
-            names to look up); name the queues instead.
+        ConfigurationError: the broker cannot list its queues (RabbitMQ whose
+            management API cannot be reached); name the queues instead.
     """
     url = str(app.conf.broker_url or "")
     if url.startswith(("redis://", "rediss://", "redis+socket://")):
@@ -224,10 +233,17 @@ def list_queues(app: Celery) -> dict[str, int]:
                 for name in names
                 if client.type(name) in (b"list", "list")
             }
+    if url.startswith(("amqp://", "amqps://", "pyamqp://")):
+        names = rabbitmq_api.queue_names(url, management_url)
+        return {
+            name: count(app, name)
+            for name in sorted(names)
+            if name.startswith(DEAD_LETTER_PREFIX)
+        }
     raise ConfigurationError(
         f"Cannot list dead-letter queues on {mask_url(url)}: this broker offers no "
-        "queue listing over its messaging protocol; name the queues to check, "
-        "e.g. 'workflows-celery dlq list per_image_analysis'"
+        "queue listing; name the queues to check, e.g. "
+        "'workflows-celery dlq list per_image_analysis'"
     )
 
 
