@@ -7,6 +7,7 @@ commands count, show, export and re-inject it, and the run then completes.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -299,3 +300,24 @@ def test_rabbitmq_dead_letter_read_and_reinjected(amqp_url: str, unique: str) ->
         receiver.disconnect()
         delete_queues(app, [queue, dead_letter_queue(queue)])
         app.close()
+
+
+def test_commands_need_a_broker() -> None:
+    environment = {k: v for k, v in os.environ.items() if k != "CELERY_BROKER_URL"}
+    # ``list`` exits 2 when it cannot count, apart from 1 for "messages present".
+    for action, expected_status in ((["list"], 2), (["show", "images"], 1)):
+        result = subprocess.run(
+            [sys.executable, "-m", "workflows_celery", "dlq", *action],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=environment,
+        )
+        assert result.returncode == expected_status, result.stderr
+        assert "No broker given: use --broker URL" in result.stderr
+
+
+def test_show_missing_queue_is_empty(broker_url: str, unique: str) -> None:
+    shown = dlq_command(broker_url, "show", f"test.dlq.{unique}.never")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() == f"0 message(s) in dlq.test.dlq.{unique}.never"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from workflows.services.common_service import CommonService
 
 from workflows_celery import __version__
 from workflows_celery.constants import EMBEDDED_BROKER_URL
-from workflows_celery.errors import WorkflowsCeleryError
+from workflows_celery.errors import ConfigurationError, WorkflowsCeleryError
 from workflows_celery.recipes import (
     load_recipe,
     prepare_recipe,
@@ -192,6 +193,11 @@ def _add_dlq_commands(commands: Any) -> None:
 def _broker_app(args: argparse.Namespace) -> Any:
     from workflows_celery.application import create_app
 
+    if not args.broker and not os.environ.get("CELERY_BROKER_URL"):
+        raise ConfigurationError(
+            "No broker given: use --broker URL (e.g. redis://127.0.0.1:6379/0) "
+            "or set CELERY_BROKER_URL"
+        )
     return create_app(args.broker)
 
 
@@ -199,8 +205,8 @@ def command_dlq_list(args: argparse.Namespace) -> int:
     """Print dead-letter queues with their counts; return 1 when any contains messages."""
     from workflows_celery import dlq
 
-    app = _broker_app(args)
     try:
+        app = _broker_app(args)
         if args.queues:
             counts = {dlq.dead_letter_queue_name(q): dlq.count(app, q) for q in args.queues}
         else:

@@ -162,7 +162,12 @@ def _taken(app: Celery, queue: str, limit: int | None = None) -> Iterator[list[D
         taken: list[DeadLetter] = []
         try:
             while limit is None or len(taken) < limit:
-                message = bound.get(no_ack=False, accept=["json"])
+                try:
+                    message = bound.get(no_ack=False, accept=["json"])
+                except connection.channel_errors:
+                    # RabbitMQ: the queue does not exist, so it holds nothing.
+                    logger.debug("No dead-letter queue %s on the broker", name)
+                    break
                 if message is None:
                     break
                 taken.append(_parse(name, message))
@@ -173,7 +178,10 @@ def _taken(app: Celery, queue: str, limit: int | None = None) -> Iterator[list[D
                 kombu_message = letter._kombu_message
                 if kombu_message is not None and not kombu_message.acknowledged:
                     kombu_message.reject(requeue=True)
-            channel.close()
+            try:
+                channel.close()
+            except connection.channel_errors + connection.connection_errors:
+                logger.debug("Channel already closed by the broker")
 
 
 def _settle(letter: DeadLetter) -> None:
