@@ -59,7 +59,7 @@ FAULTS_UNTIL = 0.9
 
 @dataclass
 class SoakSettings:
-    """What the soak test does.
+    """Settings of one soak test.
 
     Attributes:
         broker: ``redis`` or ``rabbitmq``; a private server of that kind is used.
@@ -85,7 +85,7 @@ class SoakSettings:
 
 @dataclass
 class SoakReport:
-    """What the soak test saw: the counts it prints, and whether nothing was lost."""
+    """Counts of one soak test, as it prints them, and whether nothing was lost."""
 
     broker: str
     runs_started: int = 0
@@ -115,7 +115,7 @@ class SoakReport:
         )
 
     def format(self) -> str:
-        """The report as aligned lines of text."""
+        """Format the report as aligned lines of text."""
         rows = [
             ("broker", self.broker),
             ("runs started", self.runs_started),
@@ -180,7 +180,7 @@ class SoakWorker:
             )
 
     def wait_until_ready(self) -> None:
-        """Wait until the worker says it is ready."""
+        """Wait until the worker logs that it is ready."""
         deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if f"{self.name}@" in self._output() and " ready." in self._output():

@@ -165,7 +165,7 @@ def _taken(app: Celery, queue: str, limit: int | None = None) -> Iterator[list[D
                 try:
                     message = bound.get(no_ack=False, accept=["json"])
                 except connection.channel_errors:
-                    # RabbitMQ: the queue does not exist, so it holds nothing.
+                    # RabbitMQ: the queue does not exist, so it contains nothing.
                     logger.debug("No dead-letter queue %s on the broker", name)
                     break
                 if message is None:
@@ -220,7 +220,7 @@ def list_queues(app: Celery, *, management_url: str | None = None) -> dict[str, 
     counted over AMQP, which is exact where the API's figures lag by seconds.
 
     Args:
-        app: The app whose broker holds the queues.
+        app: The app whose broker has the queues.
         management_url: Address of RabbitMQ's management API (default: port
             15672 of the broker's host).
 

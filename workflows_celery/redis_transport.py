@@ -14,9 +14,9 @@ Taking messages
     after the visibility timeout as in kombu.
 
     Every poll first takes the first waiting message of any queue, in priority
-    order, without blocking; when there is none it blocks on one queue for at
-    most :data:`WAIT_S`, taking the queues in turn. A message on another queue
-    therefore waits up to that long when the consumer is idle.
+    order, without blocking. When there is none, it blocks on one queue for at
+    most :data:`WAIT_S`, taking the queues in turn. So when the consumer is
+    idle, a message on another queue waits up to that long.
 
 Publishing together
     Messages published inside :func:`publishing_together` are sent in one
@@ -54,7 +54,7 @@ kombu.transport.TRANSPORT_ALIASES.setdefault(
     TRANSPORT_NAME, "workflows_celery.redis_transport:Transport"
 )
 
-#: Longest wait on one queue while the consumer is idle, in seconds.
+#: Maximum wait on one queue while the consumer is idle, in seconds.
 WAIT_S = 0.1
 
 #: Prefix of in-flight lists (``<prefix><consumer>:<queue key>``) and of

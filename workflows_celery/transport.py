@@ -687,7 +687,7 @@ _RECIPE_FLAGS = (True, "True", "true", 1)
 def _takes_recipes_only(callback: Callable[..., Any]) -> bool:
     """Tell whether ``callback`` is workflows' ``wrap_subscribe`` wrapper refusing non-recipes."""
     # NOTE: workflows offers no way to ask a subscription whether it unwraps
-    # recipes, so its wrapper is recognised by its code and its closure; when
+    # recipes, so its wrapper is recognised by its code and its closure. When
     # that fails, the message takes the slower path of nack and delivery limit.
     for _ in range(3):
         code = getattr(callback, "__code__", None)
@@ -830,7 +830,7 @@ def _publish_errors(app: Celery, messages: list[OutgoingMessage]) -> Iterator[No
 
 
 def _connection_errors(app: Celery) -> tuple[type[BaseException], ...]:
-    """The exceptions that mean the broker connection was lost, for ``app``'s broker."""
+    """Return the exceptions that mean the connection to ``app``'s broker was lost."""
     with app.connection_for_write() as connection:
         return tuple(connection.connection_errors) + tuple(connection.channel_errors)
 
