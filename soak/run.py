@@ -416,16 +416,34 @@ def main(argv: list[str] | None = None) -> int:
     """Command line of the soak test; exit status 0 when nothing was lost."""
     defaults = SoakSettings()
     parser = argparse.ArgumentParser(prog="python -m soak", description=__doc__.split("\n")[0])
-    parser.add_argument("--broker", choices=["redis", "rabbitmq"], default=defaults.broker)
-    parser.add_argument("--runs", type=int, default=defaults.runs)
-    parser.add_argument("--workers", type=int, default=defaults.workers)
-    parser.add_argument("--concurrency", type=int, default=defaults.concurrency)
+    parser.add_argument(
+        "--broker", choices=["redis", "rabbitmq"], default=defaults.broker,
+        help="kind of private broker to start (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--runs", type=int, default=defaults.runs,
+        help="recipe runs to start (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=defaults.workers,
+        help="worker processes running at any time (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=defaults.concurrency,
+        help="prefork children of each worker (default: %(default)s)",
+    )
     parser.add_argument(
         "--kill-interval", type=float, default=defaults.kill_interval_s, metavar="SECONDS",
-        help="seconds between two kills of a worker or child (0: none)",
+        help="seconds between two kills of a worker or child, 0 for none (default: %(default)s)",
     )  # fmt: skip
-    parser.add_argument("--broker-restarts", type=int, default=defaults.broker_restarts)
-    parser.add_argument("--timeout", type=float, default=defaults.timeout_s, metavar="SECONDS")
+    parser.add_argument(
+        "--broker-restarts", type=int, default=defaults.broker_restarts,
+        help="broker restarts, spread over the processing (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=defaults.timeout_s, metavar="SECONDS",
+        help="seconds after which runs still missing count as lost (default: %(default)s)",
+    )
     parser.add_argument(
         "--keep", type=Path, default=None, metavar="FOLDER",
         help="keep the broker data, worker logs and records in FOLDER",

@@ -24,7 +24,7 @@ from workflows_celery import CeleryTransport, create_app, dlq, routing
 from workflows_celery.constants import SETTING_MAX_MESSAGE_BYTES, STEP_TASK_NAME
 from workflows_celery.deadletter import dead_letter_queue
 from workflows_celery.embedded import embedded_worker
-from workflows_celery.errors import MessageTooLargeError
+from workflows_celery.errors import MessageEncodeError, MessageTooLargeError
 
 
 def reader_service(queue: str, seen: Recorder) -> type[CommonService]:
@@ -256,6 +256,9 @@ def queue_length(app: Celery, queue: str) -> int:
         try:
             routing.task_queue(queue)(channel).declare()
             return int(channel.queue_declare(queue, passive=True).message_count)
+        except connection.channel_errors:
+            # Redis keeps no empty list, so an empty queue is not found.
+            return 0
         finally:
             channel.close()
 
@@ -281,3 +284,18 @@ def test_message_over_size_limit_refused_at_sender(app: Celery, unique: str) -> 
         assert wait_for(lambda: queue_length(app, queue) == 1)
     finally:
         delete_queues(app, [queue])
+
+
+def test_unserialisable_value_named_in_error(app: Celery, unique: str) -> None:
+    queue = f"test.bad.{unique}.unserialisable"
+    sender = CeleryTransport(app)
+
+    with pytest.raises(MessageEncodeError) as raised:
+        sender.send(queue, {"images": [1, {"mask": {1, 2}}]})
+    assert "the message['images'][1]['mask'] is not JSON serialisable" in str(raised.value)
+
+    with pytest.raises(MessageEncodeError) as raised:
+        sender.send(queue, {"n": 1}, headers={"origin": {"host": object()}})
+    assert "the headers['origin']['host'] is not JSON serialisable" in str(raised.value)
+    assert queue_length(app, queue) == 0
+    delete_queues(app, [queue])

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,10 @@ def test_reinjected_message_completes_run(
         delete_queues(app, [first, last, dead_letter_queue(first), dead_letter_queue(last)])
 
 
+#: A message with values that plain JSON lacks but kombu's encoder keeps.
+SENT_VALUES = {"value": 1, "blob": b"\x00\x01", "when": datetime(2026, 12, 4, 12, 0, tzinfo=timezone.utc)}
+
+
 def test_reinject_from_exported_file(app: Celery, broker_url: str, unique: str, tmp_path: Path) -> None:
     queue = f"test.dlq.{unique}.file"
     arrivals = Recorder()
@@ -143,7 +148,7 @@ def test_reinject_from_exported_file(app: Celery, broker_url: str, unique: str, 
             app,
             Destination(queue),
             {"origin": "test"},
-            {"value": 1},
+            SENT_VALUES,
             message_id=f"message-{unique}",
             reason=REASON_REJECTED,
             error="test",
@@ -162,7 +167,8 @@ def test_reinject_from_exported_file(app: Celery, broker_url: str, unique: str, 
         receiver = CeleryTransport(app)
         receiver.subscribe(queue, arrivals)
         try:
-            assert wait_for(lambda: arrivals.messages == [{"value": 1}])
+            # bytes and datetime values survive the JSON file as they were sent.
+            assert wait_for(lambda: arrivals.messages == [SENT_VALUES]), arrivals.messages
         finally:
             receiver.disconnect()
         header = arrivals.headers[0]
@@ -315,6 +321,12 @@ def test_commands_need_a_broker() -> None:
         )
         assert result.returncode == expected_status, result.stderr
         assert "No broker given: use --broker URL" in result.stderr
+
+
+def test_list_marks_missing_rabbitmq_queue(amqp_url: str, unique: str) -> None:
+    listed = dlq_command(amqp_url, "list", f"test.dlq.{unique}.typo")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.strip() == f"dlq.test.dlq.{unique}.typo  0 messages (no such queue)"
 
 
 def test_show_missing_queue_is_empty(broker_url: str, unique: str) -> None:

@@ -204,18 +204,27 @@ def _broker_app(args: argparse.Namespace) -> Any:
 def command_dlq_list(args: argparse.Namespace) -> int:
     """Print dead-letter queues with their counts; return 1 when any contains messages."""
     from workflows_celery import dlq
+    from workflows_celery.leases import uses_redis
 
     try:
         app = _broker_app(args)
+        missing: set[str] = set()
         if args.queues:
-            counts = {dlq.dead_letter_queue_name(q): dlq.count(app, q) for q in args.queues}
+            counts = {}
+            for queue in args.queues:
+                name = dlq.dead_letter_queue_name(queue)
+                found = dlq.count_if_declared(app, queue)
+                counts[name] = found or 0
+                if found is None and not uses_redis(app):
+                    missing.add(name)
         else:
             counts = dlq.list_queues(app, management_url=args.management_url)
     except Exception as error:  # reported apart from "messages present" (exit 1)
         print(f"error: {error}", file=sys.stderr)
         return 2
     for name, messages in sorted(counts.items()):
-        print(f"{name}  {messages} message{'s' if messages != 1 else ''}")
+        note = " (no such queue)" if name in missing else ""
+        print(f"{name}  {messages} message{'s' if messages != 1 else ''}{note}")
     if not counts:
         print("no dead-letter queues")
     return 1 if any(counts.values()) else 0
@@ -228,7 +237,7 @@ def command_dlq_show(args: argparse.Namespace) -> int:
     letters = dlq.read(_broker_app(args), args.queue)
     for letter in letters:
         if args.json:
-            print(json.dumps(letter.to_json(), default=str))
+            print(dlq.encode_record(letter))
         else:
             print(dlq.describe(letter))
     if not args.json:

@@ -199,7 +199,8 @@ def dead_letter_raw(app: Celery, message: Message, reason: str, error: str) -> N
     }
     publish_copy(app, message, queue, headers)
     logger.error(
-        "Message on queue %r moved to dead-letter queue %r (%s: %s)",
+        "Message %s on queue %r moved to dead-letter queue %r (%s: %s)",
+        headers.get("id") or message.properties.get("message_id") or "without id",
         info.get("routing_key"),
         queue,
         reason,

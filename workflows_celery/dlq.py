@@ -9,7 +9,6 @@ unacknowledged messages.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import kombu.utils.json
 from celery import Celery
 from kombu.message import Message
 
@@ -197,6 +197,14 @@ def read(app: Celery, queue: str, *, limit: int | None = None) -> list[DeadLette
 
 def count(app: Celery, queue: str) -> int:
     """Return the number of messages in a dead-letter queue (0 if it does not exist)."""
+    return count_if_declared(app, queue) or 0
+
+
+def count_if_declared(app: Celery, queue: str) -> int | None:
+    """Return the number of messages in a dead-letter queue, or None when it does not exist.
+
+    Redis deletes an empty list, so there an empty queue does not exist either.
+    """
     name = dead_letter_queue_name(queue)
     with app.connection_for_write() as connection:
         channel = connection.channel()
@@ -204,7 +212,7 @@ def count(app: Celery, queue: str) -> int:
             declared = channel.queue_declare(queue=name, passive=True)
             return int(declared.message_count)
         except connection.channel_errors:
-            return 0
+            return None
         finally:
             try:
                 channel.close()
@@ -353,13 +361,22 @@ def purge(
         return chosen
 
 
+def encode_record(letter: DeadLetter, indent: int | None = None) -> str:
+    """Encode a dead letter as JSON, with kombu's encoder as senders use it.
+
+    Values that plain JSON lacks (bytes, datetime, Decimal, UUID) keep kombu's
+    type markers, so a message re-injected from the file is the one sent.
+    """
+    return str(kombu.utils.json.dumps(letter.to_json(), indent=indent))
+
+
 def export(app: Celery, queue: str, directory: Path) -> list[Path]:
     """Write each message of a dead-letter queue to a JSON file, leaving it in place."""
     directory.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for letter in read(app, queue):
         path = directory / f"{letter.dead_letter_queue}-{letter.message_id or len(written)}.json"
-        path.write_text(json.dumps(letter.to_json(), indent=2, default=str) + "\n", encoding="utf-8")
+        path.write_text(encode_record(letter, indent=2) + "\n", encoding="utf-8")
         written.append(path)
     return written
 
@@ -389,7 +406,7 @@ def reinject_files(
 
 def _load(path: Path) -> DeadLetter:
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = kombu.utils.json.loads(path.read_text(encoding="utf-8"))
         queue = record.get("queue")
         return DeadLetter(
             message_id=str(record.get("message-id") or ""),
@@ -414,7 +431,7 @@ def _load(path: Path) -> DeadLetter:
 def describe(letter: DeadLetter) -> str:
     """Return one line about a dead letter for a terminal."""
     when = (
-        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(letter.dead_lettered_at))
+        time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(letter.dead_lettered_at))
         if letter.dead_lettered_at
         else "unknown time"
     )

@@ -310,7 +310,7 @@ def run_step(task: Task, **kwargs: Any) -> None:
         try:
             outcome = _deliver(handler, request, destination, headers, message, fields)
         except NotARecipeError as error:
-            logger.error("%s", error)
+            # Logged as it is dead-lettered.
             delivery.dead(deadletter.REASON_REJECTED, str(error))
             return
         except TransportNotConnectedError as error:

@@ -567,7 +567,7 @@ class CeleryTransport(CommonTransport):
                 settle=settle,
             )
         except NotARecipeError as error:
-            logger.error("%s", error)
+            # Logged as it is dead-lettered.
             dead(deadletter.REASON_REJECTED, str(error))
             kombu_message.ack()
         except TransportNotConnectedError as error:
@@ -717,15 +717,17 @@ def _check_message(outgoing: OutgoingMessage, limit: int) -> None:
     try:
         headers = kombu.utils.json.dumps(outgoing.headers)
     except (TypeError, ValueError) as error:
+        where = _unencodable_part(outgoing.headers, "the headers")
         raise MessageEncodeError(
-            f"Cannot send to {outgoing.destination}: the headers are not JSON "
+            f"Cannot send to {outgoing.destination}: {where} is not JSON "
             f"serialisable ({error}); use string keys and JSON values"
         ) from error
     try:
         body = kombu.utils.json.dumps(outgoing.message)
     except (TypeError, ValueError) as error:
+        where = _unencodable_part(outgoing.message, "the message")
         raise MessageEncodeError(
-            f"Cannot send to {outgoing.destination}: the message is not JSON "
+            f"Cannot send to {outgoing.destination}: {where} is not JSON "
             f"serialisable ({error}); send only dicts, lists, strings, numbers, "
             "booleans and None"
         ) from error
@@ -736,6 +738,32 @@ def _check_message(outgoing: OutgoingMessage, limit: int) -> None:
             f"JSON, over the limit of {limit} bytes; send the path of a file holding "
             f"the data instead, or raise the {SETTING_MAX_MESSAGE_BYTES} setting"
         )
+
+
+def _unencodable_part(value: Any, path: str) -> str:
+    """Return where in ``value`` the first value that kombu cannot encode is.
+
+    For example ``the message['a'][2]``, or ``the key frozenset() of the message``.
+    """
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                return f"the key {key!r} of {path}"
+            if not _encodes(item):
+                return _unencodable_part(item, f"{path}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            if not _encodes(item):
+                return _unencodable_part(item, f"{path}[{index}]")
+    return path
+
+
+def _encodes(value: Any) -> bool:
+    try:
+        kombu.utils.json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def publish_messages(
