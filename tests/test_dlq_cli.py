@@ -333,3 +333,39 @@ def test_show_missing_queue_is_empty(broker_url: str, unique: str) -> None:
     shown = dlq_command(broker_url, "show", f"test.dlq.{unique}.never")
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.strip() == f"0 message(s) in dlq.test.dlq.{unique}.never"
+
+
+def test_second_death_counts_on(app: Celery, unique: str) -> None:
+    """A re-injected message dead-lettered again counts its deaths, as RabbitMQ does."""
+    from workflows_celery.deadletter import REASON_REJECTED, dead_letter
+    from workflows_celery.messages import Destination
+
+    queue = f"test.dlq.{unique}.again"
+    receiver = CeleryTransport(app)
+
+    def reject(header: dict[str, Any], message: Any) -> None:
+        receiver.nack(header, requeue=False)
+
+    try:
+        dead_letter(
+            app,
+            Destination(queue),
+            {"origin": "test"},
+            {"value": 2},
+            message_id=f"message-{unique}",
+            reason=REASON_REJECTED,
+            error="first death",
+        )
+        assert len(dlq.reinject(app, queue)) == 1
+        receiver.subscribe(queue, reject, acknowledgement=True)
+        assert wait_for(lambda: dlq.count(app, queue) == 1)
+
+        (letter,) = dlq.read(app, queue)
+        latest = letter.deaths[0]
+        assert latest["count"] == 2
+        assert latest["reason"] == "rejected"
+        assert latest["queue"] == queue
+        assert len(letter.deaths) == 1
+    finally:
+        receiver.disconnect()
+        delete_queues(app, [queue, dead_letter_queue(queue)])

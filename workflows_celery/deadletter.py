@@ -34,6 +34,7 @@ from workflows_celery.constants import (
     HEADER_DEAD_LETTER_ERROR,
     HEADER_DEATH,
     HEADER_DELIVERY_COUNT,
+    HEADER_REINJECTED,
     SETTING_DELIVERY_LIMIT,
 )
 from workflows_celery.messages import Destination, OutgoingMessage
@@ -119,6 +120,31 @@ def redeliver(
     return True
 
 
+def deaths_with(earlier: Any, queue: str, reason: str) -> list[dict[str, Any]]:
+    """Return an ``x-death`` list with one more death from ``queue`` for ``reason``.
+
+    As RabbitMQ does, one record is kept per queue and reason, with a count,
+    and the latest death comes first. ``earlier`` is the list the message had
+    when it was re-injected, if any.
+    """
+    deaths = [dict(death) for death in earlier or () if isinstance(death, dict)]
+    same = next(
+        (d for d in deaths if d.get("queue") == queue and d.get("reason") == reason), None
+    )
+    if same is not None:
+        deaths.remove(same)
+    count = int(same.get("count") or 0) + 1 if same else 1
+    latest = {
+        "count": count,
+        "reason": reason,
+        "queue": queue,
+        "time": int(time.time()),
+        "exchange": "",
+        "routing-keys": [queue],
+    }
+    return [latest, *deaths]
+
+
 def dead_letter(
     app: Celery,
     destination: Destination,
@@ -136,14 +162,8 @@ def dead_letter(
     the original queue and the time, and ``x-workflows-error`` the error.
     """
     queue = dead_letter_queue(destination.name)
-    death = {
-        "count": 1,
-        "reason": reason,
-        "queue": destination.name,
-        "time": int(time.time()),
-        "exchange": "",
-        "routing-keys": [destination.name],
-    }
+    reinjected = headers.get(HEADER_REINJECTED)
+    earlier = reinjected.get(HEADER_DEATH) if isinstance(reinjected, dict) else None
     record = OutgoingMessage(
         # The dead-lettered message keeps naming its original queue in the body,
         # so re-injecting it is publishing it there again.
@@ -152,7 +172,7 @@ def dead_letter(
         headers=dict(headers),
         task_id=message_id,
         broker_headers={
-            HEADER_DEATH: [death],
+            HEADER_DEATH: deaths_with(earlier, destination.name, reason),
             HEADER_DEAD_LETTER_ERROR: {
                 "error": error,
                 "host": socket.gethostname(),
@@ -182,16 +202,9 @@ def dead_letter_raw(app: Celery, message: Message, reason: str, error: str) -> N
     info = message.delivery_info or {}
     queue = dead_letter_queue(str(info.get("routing_key") or "unknown"))
     headers = dict(message.headers or {})
-    headers[HEADER_DEATH] = [
-        {
-            "count": 1,
-            "reason": REASON_REJECTED,
-            "queue": info.get("routing_key"),
-            "time": int(time.time()),
-            "exchange": "",
-            "routing-keys": [info.get("routing_key")],
-        }
-    ]
+    headers[HEADER_DEATH] = deaths_with(
+        headers.get(HEADER_DEATH), str(info.get("routing_key")), REASON_REJECTED
+    )
     headers[HEADER_DEAD_LETTER_ERROR] = {
         "error": f"{reason}: {error}",
         "host": socket.gethostname(),

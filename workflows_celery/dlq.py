@@ -60,6 +60,8 @@ class DeadLetter:
     reason: str | None = None
     dead_lettered_at: int | None = None
     error: str | None = None
+    #: The ``x-death`` records, latest first, with times in seconds since the epoch.
+    deaths: list[dict[str, Any]] = field(default_factory=list)
     #: True for a message that is not a step task message; it is kept and
     #: re-injected byte for byte.
     raw: bool = False
@@ -84,6 +86,7 @@ class DeadLetter:
             "reason": self.reason,
             "dead-lettered-at": self.dead_lettered_at,
             "error": self.error,
+            "x-death": self.deaths,
             "run-id": self.run_id,
             "headers": self.headers,
             "message": self.message,
@@ -129,6 +132,11 @@ def _parse(queue_name: str, message: Message) -> DeadLetter:
         message=content,
         reason=death.get("reason"),
         dead_lettered_at=_epoch_seconds(death.get("time")),
+        deaths=[
+            {**record, "time": _epoch_seconds(record.get("time"))}
+            for record in (deaths if isinstance(deaths, list) else [])
+            if isinstance(record, dict)
+        ],
         error=error,
         raw=step_kwargs is None,
         _kombu_message=message,
@@ -340,6 +348,8 @@ def _reinjection(letter: DeadLetter, to_queue: str | None) -> OutgoingMessage:
         "from": letter.dead_letter_queue,
         "reason": letter.reason,
         "time": int(time.time()),
+        # Carried so that a new death counts on from the earlier ones.
+        HEADER_DEATH: letter.deaths,
     }
     return OutgoingMessage(
         destination=destination, message=letter.message, headers=headers, task_id=letter.message_id
@@ -417,6 +427,7 @@ def _load(path: Path) -> DeadLetter:
             reason=record.get("reason"),
             dead_lettered_at=record.get("dead-lettered-at"),
             error=record.get("error"),
+            deaths=list(record.get("x-death") or []),
             raw=bool(record.get("raw")),
         )
     except OSError as error:
