@@ -32,6 +32,12 @@ from workflows_celery.transport import CeleryTransport, Settlement, Subscription
 
 logger = logging.getLogger(__name__)
 
+# What became of a step message, as the step task returns it for Celery's log.
+OUTCOME_PROCESSED = "processed"
+OUTCOME_PUBLISHED_AGAIN = "published again"
+OUTCOME_DEAD_LETTERED = "dead-lettered"
+OUTCOME_DROPPED = "dropped: no subscriber to the topic in this process"
+
 
 
 @dataclass
@@ -259,7 +265,7 @@ def state_for(app: Celery) -> AppState:
     return state
 
 
-def run_step(task: Task, **kwargs: Any) -> None:
+def run_step(task: Task, **kwargs: Any) -> str:
     """Body of the step task: hand one message to the subscriptions of its destination.
 
     A message that must be processed again is published again with its
@@ -267,6 +273,10 @@ def run_step(task: Task, **kwargs: Any) -> None:
     queue (see :mod:`workflows_celery.deadletter`). The original is acked either
     way, unless the broker could not be reached: then it is returned to the
     broker, which delivers it again.
+
+    Returns:
+        What became of the message, in a few words, which Celery logs as the
+        task's result ("processed", "dead-lettered", ...).
     """
     request = task.request
     app = task.app
@@ -283,7 +293,7 @@ def run_step(task: Task, **kwargs: Any) -> None:
             reason=deadletter.REASON_REJECTED,
             error="the step message names no queue or topic",
         )
-        return
+        return OUTCOME_DEAD_LETTERED
     headers = dict(kwargs.get("headers") or {})
     message = kwargs.get("message")
     delivery = _Redelivery(app, destination, headers, message, request)
@@ -291,19 +301,17 @@ def run_step(task: Task, **kwargs: Any) -> None:
     if (request.delivery_info or {}).get("redelivered") and not destination.is_topic:
         # The broker delivers it again because a worker or a connection was
         # lost while it was being processed: that delivery counts too.
-        delivery.again("delivered again after a lost worker or connection")
-        return
+        return delivery.again("delivered again after a lost worker or connection")
 
     handlers = state_for(app).dispatcher.handlers_for(destination)
     if not handlers:
         if destination.is_topic:
             logger.debug("No subscriber to %s in this process; broadcast dropped", destination)
-            return
+            return OUTCOME_DROPPED
         logger.error(
             "No service in this worker process reads %s (message %s)", destination, request.id
         )
-        delivery.again("no service in the worker process reads it")
-        return
+        return delivery.again("no service in the worker process reads it")
 
     fields = logcontext.recipe_fields(headers, message)
     for handler in handlers:
@@ -311,8 +319,7 @@ def run_step(task: Task, **kwargs: Any) -> None:
             outcome = _deliver(handler, request, destination, headers, message, fields)
         except NotARecipeError as error:
             # Logged as it is dead-lettered.
-            delivery.dead(deadletter.REASON_REJECTED, str(error))
-            return
+            return delivery.dead(deadletter.REASON_REJECTED, str(error))
         except TransportNotConnectedError as error:
             # The broker went away in the middle of the step. Nothing of its
             # transaction was published, so the message goes back to be done again.
@@ -330,19 +337,17 @@ def run_step(task: Task, **kwargs: Any) -> None:
         if outcome is None or outcome.acked:
             continue
         if outcome.nacked and not outcome.requeue:
-            delivery.dead(deadletter.REASON_REJECTED, f"rejected by {handler.host.name}")
-            return
+            return delivery.dead(deadletter.REASON_REJECTED, f"rejected by {handler.host.name}")
         if outcome.nacked:
-            delivery.again(f"nacked by {handler.host.name}")
-            return
+            return delivery.again(f"nacked by {handler.host.name}")
         logger.warning(
             "Service %s returned without ack or nack for message %s on %s",
             handler.host.name,
             request.id,
             destination,
         )
-        delivery.again(f"{handler.host.name} returned without ack or nack")
-        return
+        return delivery.again(f"{handler.host.name} returned without ack or nack")
+    return OUTCOME_PROCESSED
 
 
 class _Redelivery:
@@ -364,9 +369,9 @@ class _Redelivery:
         self.eta = request.eta
         self.expires = request.expires
 
-    def again(self, why: str) -> None:
-        """Publish the message again, or dead-letter it at the delivery limit."""
-        deadletter.redeliver(
+    def again(self, why: str) -> str:
+        """Publish the message again, or dead-letter it at the delivery limit; return which."""
+        published = deadletter.redeliver(
             self.app,
             self.destination,
             self.headers,
@@ -376,8 +381,9 @@ class _Redelivery:
             eta=self.eta if isinstance(self.eta, str) else None,
             expires_at=self.expires if isinstance(self.expires, str) else None,
         )
+        return OUTCOME_PUBLISHED_AGAIN if published else OUTCOME_DEAD_LETTERED
 
-    def dead(self, reason: str, error: str) -> None:
+    def dead(self, reason: str, error: str) -> str:
         """Move the message to its dead-letter queue."""
         deadletter.dead_letter(
             self.app,
@@ -388,6 +394,7 @@ class _Redelivery:
             reason=reason,
             error=error,
         )
+        return OUTCOME_DEAD_LETTERED
 
 
 def _deliver(

@@ -189,40 +189,42 @@ def _load_for_worker(name: Any) -> Any:
 
 
 class WorkflowsConsumer(Consumer):
-    """The worker's consumer, keeping a copy of every message it cannot run.
+    """The worker's consumer, keeping every message it cannot run in a dead-letter queue.
 
-    Celery acks or rejects such messages (bad JSON, a content type it does not
-    accept such as pickle, no headers, an unknown task) after logging them,
-    so without the copy they would be lost.
+    Celery logs such messages (bad JSON, a content type it does not accept such
+    as pickle, no headers, an unknown task) and drops them. Here each is copied
+    to its dead-letter queue and only then removed. When the copy fails, the
+    message goes back to its queue instead, so it is never lost.
     """
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         _keep(self.app, message, "undecodable", repr(exc))
-        super().on_decode_error(message, exc)
 
     def on_unknown_message(self, body: Any, message: Any) -> None:
         _keep(self.app, message, "not a task message", "no task name in its headers")
-        super().on_unknown_message(body, message)
 
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
         _keep(self.app, message, "unknown task", repr(exc))
-        super().on_unknown_task(body, message, exc)
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
         _keep(self.app, message, "invalid task message", repr(exc))
-        super().on_invalid_task(body, message, exc)
 
 
 def _keep(app: Celery, message: Any, reason: str, error: str) -> None:
+    """Move a message the worker cannot run to its dead-letter queue, or back to its queue."""
     try:
         dead_letter_raw(app, message, reason, error)
-    except Exception:  # the original is still rejected and logged by Celery
-        logger.critical(
-            "Could not copy a message the worker cannot run (%s) to its dead-letter "
-            "queue; it is logged below and then lost",
+    except Exception:
+        logger.error(
+            "Could not copy a message the worker cannot run (%s: %s) to its dead-letter "
+            "queue; it goes back to its queue",
             reason,
+            error,
             exc_info=True,
         )
+        message.reject_log_error(logger, app.connection_for_write().connection_errors, requeue=True)
+        return
+    message.ack_log_error(logger, app.connection_for_write().connection_errors)
 
 
 def install_worker_support(app: Celery) -> None:
