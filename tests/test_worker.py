@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import workflows
 import workflows.recipe
 from celery import Celery
+from helpers import wait_for
 from kombu import Connection
 from workflows.recipe.wrapper import RecipeWrapper
 from workflows.services.common_service import CommonService
@@ -44,7 +46,10 @@ from workflows_celery import (
     setup_app,
     start_recipe,
 )
+from workflows_celery.constants import STATUS_TOPIC
 from workflows_celery.embedded import embedded_worker
+from workflows_celery.monitor import StatusBoard
+from workflows_celery.status import STATUS_INTERVAL_S
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -789,3 +794,77 @@ def wait_until(predicate: Any, timeout_s: float) -> bool:
             return True
         time.sleep(0.05)
     return bool(predicate())
+
+
+# -- Status heartbeats -----------------------------------------------------------
+
+#: Fields of the workflows status dict, and the Celery fields added to it.
+STATUS_FIELDS = {
+    "host", "status", "statustext", "service", "serviceclass", "utilization", "workflows", "celery",
+}  # fmt: skip
+
+
+def statuses_of(board: StatusBoard, worker: WorkerProcess) -> list[dict[str, Any]]:
+    """Return the latest status of each service instance of ``worker``."""
+    return [
+        row
+        for row in board.snapshot()
+        if str(row.get("celery", {}).get("worker", "")).startswith(f"{worker.node_name}@")
+    ]
+
+
+def test_hosted_services_send_heartbeats(
+    workers: Workers, client: Client, broker_url: str, unique: str
+) -> None:
+    board = StatusBoard()
+    client.transport.subscribe_broadcast(STATUS_TOPIC, board)
+    worker = workers.get(broker_url, ["SamplePipethrough"])
+
+    # One heartbeat interval at most, and a margin for a busy machine.
+    arrived = wait_for(
+        lambda: len(statuses_of(board, worker)) == PREFORK_CONCURRENCY,
+        timeout_s=STATUS_INTERVAL_S + 10,
+    )
+    assert arrived, board.snapshot()
+    rows = statuses_of(board, worker)
+    assert len({row["host"] for row in rows}) == PREFORK_CONCURRENCY
+    for row in rows:
+        assert STATUS_FIELDS <= row.keys(), row
+        assert row["serviceclass"] == "SamplePipethrough"
+        assert row["service"] == "Message Pipethrough"
+        assert row["workflows"] == workflows.version()
+        assert row["celery"]["pool"] == "prefork"
+        assert row["celery"]["concurrency"] == PREFORK_CONCURRENCY
+        assert row["host"].endswith(f".{row['celery']['pid']}.SamplePipethrough")
+        assert abs(sum(row["utilization"].values()) - 1.0) < 0.01, row["utilization"]
+
+    check_pipethrough_run(client, worker, unique)
+
+    # Each step turns a service busy, then idle, and both are announced.
+    assert wait_for(
+        lambda: sum(row["celery"]["processed"] for row in statuses_of(board, worker)) >= 3,
+        timeout_s=STATUS_INTERVAL_S + 10,
+    ), statuses_of(board, worker)
+
+
+def test_status_once_lists_services(workers: Workers, broker_url: str) -> None:
+    worker = workers.get(broker_url, ["SamplePipethrough"])
+
+    listed = subprocess.run(
+        [
+            sys.executable, "-m", "workflows_celery", "status", "--once", "--json",
+            "--broker", broker_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+
+    assert listed.returncode == 0, listed.stderr
+    rows = [
+        row for row in json.loads(listed.stdout)
+        if row["celery"]["worker"].startswith(f"{worker.node_name}@")
+    ]  # fmt: skip
+    assert len(rows) == PREFORK_CONCURRENCY, listed.stdout
+    assert {row["statustext"] for row in rows} <= {"idle", "processing"}
+    assert all(row["gone"] is False and row["last_seen_s"] < STATUS_INTERVAL_S + 3 for row in rows)

@@ -31,6 +31,15 @@ logger = logging.getLogger(__name__)
 #: Seconds an embedded run may take before ``run`` gives up waiting.
 DEFAULT_RUN_TIMEOUT_S = 300.0
 
+#: Seconds ``status --once`` listens: one heartbeat interval and a margin.
+DEFAULT_STATUS_WAIT_S = 8.0
+
+#: Seconds between two refreshes of the live status table.
+STATUS_REFRESH_S = 1.0
+
+#: Terminal escape sequence that moves the cursor home and clears the screen.
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
 
 def parse_parameter(text: str) -> tuple[str, Any]:
     """Split ``KEY=VALUE``; a VALUE that is a JSON object or array is decoded."""
@@ -118,6 +127,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe JSON file")
     validate.set_defaults(handler=command_validate)
+
+    status = commands.add_parser(
+        "status",
+        help="show the services and workers that are alive",
+        description=(
+            "Show every hosted service instance that broadcasts its status: host, "
+            "service, state, share of time busy, messages processed, worker and when "
+            "it was last heard from. Without --once the table refreshes in place "
+            "until interrupted."
+        ),
+    )
+    status.add_argument("-b", "--broker", metavar="URL", help="Celery broker URL")
+    status.add_argument(
+        "--once", action="store_true", help="listen for --wait seconds, print once and exit"
+    )
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument(
+        "--wait",
+        type=float,
+        default=DEFAULT_STATUS_WAIT_S,
+        metavar="SECONDS",
+        help=f"with --once, seconds to listen (default {DEFAULT_STATUS_WAIT_S:.0f}, "
+        "one heartbeat interval and a margin)",
+    )
+    status.set_defaults(handler=command_status)
 
     _add_dlq_commands(commands)
     return parser
@@ -301,6 +335,39 @@ def _nothing_matched(args: argparse.Namespace, letters: list[Any]) -> int:
         file=sys.stderr,
     )
     return 1
+
+
+def command_status(args: argparse.Namespace) -> int:
+    """Print the status of every service heard from, once or refreshing in place."""
+    from workflows_celery.constants import STATUS_TOPIC
+    from workflows_celery.monitor import StatusBoard, format_table
+    from workflows_celery.transport import CeleryTransport
+
+    app = _broker_app(args)
+    board = StatusBoard()
+    transport = CeleryTransport(app)
+    if not transport.connect():
+        raise ConfigurationError(f"Cannot reach the broker {mask_url(app.conf.broker_url)}")
+
+    def show() -> None:
+        rows = board.snapshot()
+        print(json.dumps(rows, indent=2) if args.json else format_table(rows), flush=True)
+
+    try:
+        transport.subscribe_broadcast(STATUS_TOPIC, board)
+        if args.once:
+            time.sleep(max(args.wait, 0.0))
+            show()
+            return 0
+        while True:
+            if sys.stdout.isatty():
+                print(CLEAR_SCREEN, end="")
+            show()
+            time.sleep(STATUS_REFRESH_S)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        transport.disconnect()
 
 
 def command_validate(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from workflows_celery.errors import (
     TransportNotConnectedError,
 )
 from workflows_celery.messages import Destination, destination_from_kwargs
+from workflows_celery.status import StatusReporter
 from workflows_celery.transport import CeleryTransport, Settlement, SubscriptionBinder
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ class HostedService:
         self.lock = threading.RLock()
         self.last_activity = time.monotonic()
         self.messages_processed = 0
+        self.reporter: StatusReporter | None = None
         self._stopping = threading.Event()
         self._timer: threading.Thread | None = None
 
@@ -149,9 +151,16 @@ class HostedService:
         self.service, self.transport = service, transport
         if not transport.connect():
             raise ConfigurationError(f"Service {self.name} cannot reach the broker")
+        self.reporter = StatusReporter(
+            transport.broadcast_status,
+            self.name,
+            self.service_class,
+            state_for(self.app).worker_fields,
+            lambda: self.messages_processed,
+        )
 
         with self.lock:
-            self.status = CommonService.SERVICE_STATUS_STARTING
+            self.set_status(CommonService.SERVICE_STATUS_STARTING)
             self.dispatcher.binding_host = self
             try:
                 with logcontext.step_fields(service, workflows_service=self.name):
@@ -161,7 +170,7 @@ class HostedService:
                 # Later subscriptions (made while processing) use the transport's
                 # own consumer thread, as in any other process.
                 transport.binder = None
-            self.status = CommonService.SERVICE_STATUS_IDLE
+            self.set_status(CommonService.SERVICE_STATUS_IDLE)
         self.last_activity = time.monotonic()
         self._timer = threading.Thread(
             target=self._run_idle_timer, name=f"{self.name} idle timer", daemon=True
@@ -176,13 +185,13 @@ class HostedService:
         if service is None or transport is None:
             return
         with self.lock:
-            self.status = CommonService.SERVICE_STATUS_SHUTDOWN
+            self.set_status(CommonService.SERVICE_STATUS_SHUTDOWN)
             try:
                 with logcontext.step_fields(service, workflows_service=self.name):
                     service.in_shutdown()
-                self.status = CommonService.SERVICE_STATUS_END
+                self.set_status(CommonService.SERVICE_STATUS_END)
             except Exception:
-                self.status = CommonService.SERVICE_STATUS_ERROR
+                self.set_status(CommonService.SERVICE_STATUS_ERROR)
                 logger.error("Service %s failed in in_shutdown()", self.name, exc_info=True)
             finally:
                 transport.disconnect()
@@ -191,18 +200,30 @@ class HostedService:
     def run(self, function: Callable[[], Any], fields: Mapping[str, Any]) -> Any:
         """Run a message callback with the service marked as processing."""
         with self.lock:
-            self.status = CommonService.SERVICE_STATUS_PROCESSING
+            self.set_status(CommonService.SERVICE_STATUS_PROCESSING)
             try:
                 with logcontext.step_fields(self.service, workflows_service=self.name, **fields):
                     return function()
             finally:
                 self.messages_processed += 1
                 self.last_activity = time.monotonic()
-                self.status = CommonService.SERVICE_STATUS_IDLE
+                self.set_status(CommonService.SERVICE_STATUS_IDLE)
+
+    def set_status(self, status: int) -> None:
+        """Set the service's state and broadcast it when that is due."""
+        self.status = status
+        if self.reporter is not None:
+            self.reporter.update(status)
 
     def _run_idle_timer(self) -> None:
-        """Call the ``_register_idle`` callback after each idle period, as workflows does."""
+        """Call the ``_register_idle`` callback after each idle period, as workflows does.
+
+        The same thread sends the status heartbeats that fall due while the
+        state stays the same.
+        """
         while not self._stopping.is_set():
+            if self.reporter is not None:
+                self.reporter.update()
             service = self.service
             idle_time = getattr(service, "_idle_time", None)
             callback = getattr(service, "_idle_callback", None)
@@ -217,7 +238,7 @@ class HostedService:
             with self.lock:
                 if self._stopping.is_set():
                     return
-                self.status = CommonService.SERVICE_STATUS_TIMER
+                self.set_status(CommonService.SERVICE_STATUS_TIMER)
                 try:
                     with logcontext.step_fields(service, workflows_service=self.name):
                         callback()
@@ -225,7 +246,7 @@ class HostedService:
                     logger.error("Idle timer of service %s failed", self.name, exc_info=True)
                 finally:
                     self.last_activity = time.monotonic()
-                    self.status = CommonService.SERVICE_STATUS_IDLE
+                    self.set_status(CommonService.SERVICE_STATUS_IDLE)
 
 
 @dataclass
@@ -239,6 +260,8 @@ class AppState:
     service_classes: list[type[CommonService]] = field(default_factory=list)
     #: True in a worker whose pool forks children that start their own services.
     start_in_children: bool = False
+    #: Celery fields of the worker, added to every status heartbeat.
+    worker_fields: dict[str, Any] = field(default_factory=dict)
 
     def start_services(self, app: Celery) -> None:
         """Start one instance of every hosted service in this process."""

@@ -113,6 +113,11 @@ class WorkflowsServices(bootsteps.StartStopStep):
             app.amqp.queues.select_add(queue)
             logger.info("Worker consumes %s for %s", destination, service_name)
 
+        state.worker_fields = {
+            "worker": worker.hostname,
+            "pool": worker.pool_cls.__module__.rsplit(".", 1)[-1],
+            "concurrency": worker.concurrency,
+        }
         state.start_in_children = issubclass(worker.pool_cls, PreforkPool)
         if state.start_in_children and app not in _forking_apps:
             _forking_apps.append(app)
