@@ -38,6 +38,7 @@ from kombu import Connection
 from workflows.recipe.wrapper import RecipeWrapper
 from workflows.services.common_service import CommonService
 
+from soak.brokers import private_broker
 from workflows_celery import (
     CeleryTransport,
     create_app,
@@ -868,3 +869,60 @@ def test_status_once_lists_services(workers: Workers, broker_url: str) -> None:
     assert len(rows) == PREFORK_CONCURRENCY, listed.stdout
     assert {row["statustext"] for row in rows} <= {"idle", "processing"}
     assert all(row["gone"] is False and row["last_seen_s"] < STATUS_INTERVAL_S + 3 for row in rows)
+
+
+def test_worker_without_services_sends_heartbeat(
+    workers: Workers, client: Client, broker_url: str
+) -> None:
+    board = StatusBoard()
+    client.transport.subscribe_broadcast(STATUS_TOPIC, board)
+    worker = workers.get(broker_url, None)
+
+    arrived = wait_for(
+        lambda: len(statuses_of(board, worker)) == 1, timeout_s=STATUS_INTERVAL_S + 10
+    )
+    assert arrived, board.snapshot()
+    (row,) = statuses_of(board, worker)
+    assert STATUS_FIELDS <= row.keys(), row
+    assert row["service"] == "Celery worker"
+    assert row["serviceclass"] == "celery"
+    assert row["statustext"] == "idle"
+    assert row["celery"]["pool"] == "prefork"
+    assert row["celery"]["processed"] == 0
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["redis", "rabbitmq"])
+def test_heartbeats_resume_after_broker_restart(kind: str, tmp_path: Path) -> None:
+    broker = private_broker(kind, tmp_path / "broker")
+    broker.start()
+    worker = WorkerProcess(broker.url, ["SamplePipethrough"], "prefork", "workflows_celery", tmp_path)
+    app = create_app(broker.url, main="tests.status.restart")
+    monitor = CeleryTransport(app)
+    board = StatusBoard()
+
+    def heard_since(moment: float) -> bool:
+        rows = statuses_of(board, worker)
+        fresh = [row for row in rows if time.time() - row["last_seen_s"] > moment]
+        return len(fresh) == PREFORK_CONCURRENCY
+
+    try:
+        worker.start()
+        worker.wait_until_ready()
+        monitor.subscribe_broadcast(STATUS_TOPIC, board)
+        assert wait_for(lambda: heard_since(0), timeout_s=STATUS_INTERVAL_S + 10), worker.describe()
+
+        broker.restart(down_s=2.0)
+        restarted = time.time()
+
+        # The worker and the monitor reconnect by themselves (Celery backs off
+        # up to several seconds), then the next heartbeat is due within 6 s.
+        resumed = wait_for(lambda: heard_since(restarted), timeout_s=STATUS_INTERVAL_S + 60)
+        assert resumed, f"{board.snapshot()}\n{worker.describe()}"
+        assert worker.is_running()
+    finally:
+        monitor.disconnect()
+        worker.stop()
+        app.close()
+        broker.stop()
+        broker.remove_data()

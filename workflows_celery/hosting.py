@@ -28,7 +28,7 @@ from workflows_celery.errors import (
     TransportNotConnectedError,
 )
 from workflows_celery.messages import Destination, destination_from_kwargs
-from workflows_celery.status import StatusReporter
+from workflows_celery.status import StatusReporter, host_id
 from workflows_celery.transport import CeleryTransport, Settlement, SubscriptionBinder
 
 logger = logging.getLogger(__name__)
@@ -153,8 +153,9 @@ class HostedService:
             raise ConfigurationError(f"Service {self.name} cannot reach the broker")
         self.reporter = StatusReporter(
             transport.broadcast_status,
+            host_id(self.service_class.__name__),
             self.name,
-            self.service_class,
+            self.service_class.__name__,
             state_for(self.app).worker_fields,
             lambda: self.messages_processed,
         )

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import kombu.exceptions
 from celery import Celery
 from kombu import Consumer, Queue
 from kombu.message import Message
@@ -247,7 +248,12 @@ class Listener(threading.Thread):
 
     def _connection_errors(self) -> tuple[type[BaseException], ...]:
         connection = self._connection or self._app.connection_for_read()
-        return tuple(connection.connection_errors) + tuple(connection.channel_errors)
+        # kombu raises OperationalError when ensure_connection gives up.
+        return (
+            kombu.exceptions.OperationalError,
+            *connection.connection_errors,
+            *connection.channel_errors,
+        )
 
     def _start_consumer(self, subscription_id: int, subscription: _Subscription) -> None:
         channel = self._connection.channel()

@@ -34,23 +34,27 @@ STATUS_INTERVAL_S = 6.0
 #: Seconds an idle state must last before it is announced, as in workflows' frontend.
 IDLE_ANNOUNCE_DELAY_S = 0.5
 
+#: Seconds between two checks of whether a heartbeat is due.
+STATUS_TICK_S = 0.5
 
-def host_id(service_class: type[CommonService]) -> str:
-    """Return the ``host`` of one service instance: workflows' id of this process, then the class.
+
+def host_id(suffix: str) -> str:
+    """Return a ``host`` field: workflows' id of this process, then ``suffix``.
 
     workflows runs one service per process, so its id names the process. A
     worker process may host several services, so the class name is added.
     """
-    return f"{workflows.util.generate_unique_host_id()}.{service_class.__name__}"
+    return f"{workflows.util.generate_unique_host_id()}.{suffix}"
 
 
 class StatusReporter:
-    """Broadcasts the status of one hosted service instance.
+    """Broadcasts the status of one hosted service instance, or of one worker.
 
     Args:
         broadcast: Sends one status dict (``CeleryTransport.broadcast_status``).
+        host: The ``host`` field, unique to the instance.
         service_name: The service's human-readable name.
-        service_class: The service's class.
+        service_class: The name of the service's class.
         worker_fields: Celery fields of the worker (node name, pool, concurrency).
         processed: Returns the number of messages this instance has processed.
     """
@@ -58,15 +62,16 @@ class StatusReporter:
     def __init__(
         self,
         broadcast: Callable[[Mapping[str, Any]], None],
+        host: str,
         service_name: str,
-        service_class: type[CommonService],
+        service_class: str,
         worker_fields: Mapping[str, Any],
         processed: Callable[[], int],
     ) -> None:
-        self.host = host_id(service_class)
+        self.host = host
         self._broadcast = broadcast
         self._service_name = service_name
-        self._service_class = service_class.__name__
+        self._service_class = service_class
         self._worker_fields = dict(worker_fields)
         self._processed = processed
         self._lock = threading.Lock()

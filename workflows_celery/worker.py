@@ -17,7 +17,9 @@ import click
 from celery import Celery, bootsteps
 from celery.concurrency.prefork import TaskPool as PreforkPool
 from celery.signals import worker_process_init, worker_process_shutdown
+from celery.worker import state as worker_state
 from celery.worker.consumer import Consumer
+from workflows.services.common_service import CommonService
 
 from workflows_celery import routing
 from workflows_celery.application import apply_broker_defaults
@@ -43,6 +45,8 @@ from workflows_celery.services import (
     load_service,
     parse_service_names,
 )
+from workflows_celery.status import STATUS_TICK_S, StatusReporter, host_id
+from workflows_celery.transport import CeleryTransport
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +89,11 @@ class WorkflowsServices(bootsteps.StartStopStep):
         if delivery_limit is not None:
             app.conf[SETTING_DELIVERY_LIMIT] = delivery_limit
         state = state_for(app)
+        state.worker_fields = {
+            "worker": worker.hostname,
+            "pool": worker.pool_cls.__module__.rsplit(".", 1)[-1],
+            "concurrency": worker.concurrency,
+        }
         names = parse_service_names(services) or parse_service_names(
             app.conf.get(SETTING_SERVICES)
         )
@@ -113,11 +122,6 @@ class WorkflowsServices(bootsteps.StartStopStep):
             app.amqp.queues.select_add(queue)
             logger.info("Worker consumes %s for %s", destination, service_name)
 
-        state.worker_fields = {
-            "worker": worker.hostname,
-            "pool": worker.pool_cls.__module__.rsplit(".", 1)[-1],
-            "concurrency": worker.concurrency,
-        }
         state.start_in_children = issubclass(worker.pool_cls, PreforkPool)
         if state.start_in_children and app not in _forking_apps:
             _forking_apps.append(app)
@@ -183,6 +187,59 @@ class LeaseRenewal(bootsteps.StartStopStep):
             )
 
 
+class WorkerHeartbeat(bootsteps.StartStopStep):
+    """Worker bootstep that broadcasts a workflows status for a worker hosting no service.
+
+    Hosted services broadcast their own status. A worker without any (one that
+    runs only plain Celery tasks) appears with this one, as service "Celery
+    worker", busy while it runs tasks. A thread of its own sends it, so no
+    ``celery beat`` is needed and a blocked event loop does not stop it.
+    """
+
+    label = "workflows status"
+
+    def __init__(self, worker: Any, **options: Any) -> None:
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._reporter: StatusReporter | None = None
+
+    def start(self, worker: Any) -> None:
+        state = state_for(worker.app)
+        if state.service_classes or self._thread is not None:
+            return
+        transport = CeleryTransport(worker.app)
+        self._reporter = StatusReporter(
+            transport.broadcast_status,
+            host_id("celery"),
+            "Celery worker",
+            "celery",
+            state.worker_fields,
+            lambda: sum(worker_state.total_count.values()),
+        )
+        self._thread = threading.Thread(
+            target=self._run, name="workflows status", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, worker: Any) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(STATUS_TICK_S * 4)
+        if self._reporter is not None:
+            self._reporter.update(CommonService.SERVICE_STATUS_END)
+
+    shutdown = stop
+
+    def _run(self) -> None:
+        reporter = self._reporter
+        assert reporter is not None
+        while not self._stopping.wait(STATUS_TICK_S):
+            busy = bool(worker_state.active_requests)
+            reporter.update(
+                CommonService.SERVICE_STATUS_PROCESSING if busy else CommonService.SERVICE_STATUS_IDLE
+            )
+
+
 def _load_for_worker(name: Any) -> Any:
     """Load a service, turning a bad name into a usage error on the command line."""
     try:
@@ -241,6 +298,7 @@ def install_worker_support(app: Celery) -> None:
         app.user_options["worker"].add(DELIVERY_LIMIT_OPTION)
         app.steps["worker"].add(WorkflowsServices)
         app.steps["worker"].add(LeaseRenewal)
+        app.steps["worker"].add(WorkerHeartbeat)
 
 
 @worker_process_init.connect
