@@ -681,6 +681,14 @@ def test_log_records_carry_recipe_id(unique: str) -> None:
     assert extended[0].sample_field == f"sample-{unique}"  # type: ignore[attr-defined]
     assert not hasattr(step_records[0], "sample_field")
 
+    # The worker's log text names the service, the run and the node too.
+    text = logging.Formatter(app.conf.worker_log_format).format(step_records[0])
+    assert f"[Logging step run {run_id} node 1] Step " in text, text
+    outside = logging.Formatter(app.conf.worker_log_format).format(
+        logging.getLogger("tests").makeRecord("tests", logging.INFO, __file__, 1, "plain", (), None)
+    )
+    assert outside.endswith("] plain"), outside
+
 
 def test_recipe_step_function_output_arrives(unique: str) -> None:
     app = setup_app(Celery(f"tests.user_app_{unique}", broker="memory://", set_as_current=False))

@@ -7,6 +7,7 @@ from typing import Any
 
 from celery import Celery
 
+from workflows_celery import logcontext
 from workflows_celery.constants import (
     DEFAULT_APP_NAME,
     DEFAULT_PROCESS_START_TIMEOUT_S,
@@ -56,6 +57,10 @@ def setup_app(app: Celery, *, services: Any = None) -> Celery:
     if services is not None:
         app.conf[SETTING_SERVICES] = services
     apply_broker_defaults(app)
+    # Worker log lines about a step name its service, run ID and node.
+    logcontext.install()
+    if app.conf.worker_log_format == logcontext.CELERY_WORKER_LOG_FORMAT:
+        app.conf.worker_log_format = logcontext.WORKER_LOG_FORMAT
 
     if STEP_TASK_NAME not in app.tasks:
         # Not shared: each app's step task serves that app's hosted services.

@@ -25,6 +25,18 @@ _installed = False
 #: Fields every record gets once the factory is installed ("-" outside a step).
 DEFAULT_FIELDS = ("recipe_ID", "recipe_pointer")
 
+#: Field with the step's service, run ID and node as text, e.g. " [Find spots run
+#: 3f2c... node 2]", and empty outside a step; worker log formats include it.
+STEP_TEXT_FIELD = "workflows_step"
+
+#: Celery's default ``worker_log_format``, which :func:`log_format_with_step` extends.
+CELERY_WORKER_LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
+
+#: ``worker_log_format`` of apps set up by workflows-celery.
+WORKER_LOG_FORMAT = (
+    "[%(asctime)s: %(levelname)s/%(processName)s]%(" + STEP_TEXT_FIELD + ")s %(message)s"
+)
+
 
 def install() -> None:
     """Install the record factory once per process, keeping any earlier factory."""
@@ -42,6 +54,8 @@ def install() -> None:
         for name in DEFAULT_FIELDS:
             if not hasattr(record, name):
                 setattr(record, name, "-")
+        if not hasattr(record, STEP_TEXT_FIELD):
+            setattr(record, STEP_TEXT_FIELD, step_text(_fields.get()))
         service = _service.get()
         if service is not None:
             # The fields a service adds with ``extend_log`` (a private list of
@@ -65,6 +79,18 @@ def step_fields(service: Any = None, **fields: Any) -> Iterator[None]:
     finally:
         _service.reset(service_token)
         _fields.reset(fields_token)
+
+
+def step_text(fields: Mapping[str, Any]) -> str:
+    """Return the service, run ID and node of a step as log text, or "" outside a step."""
+    parts = []
+    if fields.get("workflows_service"):
+        parts.append(str(fields["workflows_service"]))
+    if fields.get("recipe_ID") is not None:
+        parts.append(f"run {fields['recipe_ID']}")
+    if fields.get("recipe_pointer") is not None:
+        parts.append(f"node {fields['recipe_pointer']}")
+    return f" [{' '.join(parts)}]" if parts else ""
 
 
 def recipe_fields(headers: Mapping[str, Any], message: Any) -> dict[str, Any]:

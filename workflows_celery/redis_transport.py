@@ -5,8 +5,8 @@ Taking messages
     it as unacknowledged, in a second command. A consumer killed between the
     two, or a connection lost between them (a Redis restart does exactly that),
     loses the message: Redis has already removed it, and it is recorded
-    nowhere. Here a consumer moves the message, in one atomic command, to an
-    in-flight list of its own, and records it as unacknowledged in one Lua
+    nowhere. Here a consumer moves the message, in one Lua script, to an
+    in-flight list of its own, and records it as unacknowledged in a second
     script that also removes it from that list. An in-flight list whose owner
     stopped renewing its liveness key is pushed back to its queue by any other
     consumer. A message is therefore always in its queue, in an in-flight list
@@ -14,18 +14,19 @@ Taking messages
     after the visibility timeout as in kombu.
 
     Every poll first takes the first waiting message of any queue, in priority
-    order, without blocking. When there is none, it blocks on one queue for at
-    most :data:`WAIT_S`, taking the queues in turn. So when the consumer is
-    idle, a message on another queue waits up to that long.
+    order, without blocking. When there is none, the consumer blocks on signal
+    lists, one per queue, to which senders push a token with each message (in
+    the same transaction when publishing together), then looks again. A
+    message without a signal, from a sender that does not use this transport,
+    is found within :data:`WAIT_S`.
 
 Publishing together
     Messages published inside :func:`publishing_together` are sent in one
     MULTI/EXEC transaction: Redis stores all of them or none.
 
 Apps set up by :func:`workflows_celery.setup_app` on a ``redis://`` broker use
-this transport unless ``broker_transport`` names another one. It needs Redis
-6.2 or newer (for BLMOVE); on an older server, or with a global key prefix,
-consumers take messages as kombu does, with a warning.
+this transport unless ``broker_transport`` names another one. With a global
+key prefix, consumers take messages as kombu does, with a warning.
 """
 
 from __future__ import annotations
@@ -54,15 +55,26 @@ kombu.transport.TRANSPORT_ALIASES.setdefault(
     TRANSPORT_NAME, "workflows_celery.redis_transport:Transport"
 )
 
-#: Maximum wait on one queue while the consumer is idle, in seconds.
-WAIT_S = 0.1
+#: Maximum wait for a signal while the consumer is idle, in seconds. A message
+#: whose sender gave no signal (a plain kombu sender, or a message given back
+#: after a lost consumer) waits up to this long.
+WAIT_S = 1.0
+
+#: Prefix of the signal lists: a sender pushes a token to ``<prefix><queue>``
+#: with each message, which wakes a consumer blocked on that list.
+SIGNAL_PREFIX = "workflows.signal."
+
+#: Tokens kept per signal list; more add nothing, because a woken consumer
+#: looks at every queue it reads.
+SIGNALS_KEPT = 10
+
+#: Milliseconds after which an unread signal list is deleted. A token older
+#: than :data:`WAIT_S` wakes nobody, and reply queues come and go.
+SIGNAL_TTL_MS = 60_000
 
 #: Prefix of in-flight lists (``<prefix><consumer>:<queue key>``) and of
 #: liveness keys (``<prefix><consumer>``).
 IN_FLIGHT_PREFIX = "workflows.inflight."
-
-#: Oldest Redis version with BLMOVE.
-_MIN_REDIS_VERSION = (6, 2)
 
 # Takes the first waiting message of KEYS (queue keys in priority order) and
 # moves it to the in-flight list ARGV[1] .. ':' .. key; returns {key, message}.
@@ -107,6 +119,11 @@ end
 """
 
 
+def signal_key(queue: str) -> str:
+    """Return the key of the signal list of ``queue``."""
+    return f"{SIGNAL_PREFIX}{queue}"
+
+
 class QoS(redis.QoS):
     """Skips the second write for messages already recorded by :data:`_RECORD`,
     and gives back in-flight lists of consumers that are gone."""
@@ -133,7 +150,7 @@ class Channel(redis.Channel):
         self._together = threading.local()
         self.recorded_tag: Any = None
         self.consumer_id = uuid.uuid4().hex
-        self._waiting_on: str | None = None
+        self._waiting = False
         self._alive_until = 0.0
         self._safe: bool | None = None
         super().__init__(*args, **kwargs)
@@ -151,25 +168,14 @@ class Channel(redis.Channel):
 
     def _takes_safely(self) -> bool:
         if self._safe is None:
-            self._safe = True
-            if self.global_keyprefix:
-                self._safe = False
+            # NOTE: key prefixes are not applied to the scripts' keys, so with a
+            # global prefix messages are taken as kombu takes them.
+            self._safe = not self.global_keyprefix
+            if not self._safe:
                 logger.warning(
                     "Redis global_keyprefix is set: messages are taken as kombu takes "
                     "them, and one can be lost if the connection drops as it is taken"
                 )
-            else:
-                with self.conn_or_acquire() as client:
-                    version = str(client.info("server").get("redis_version", "0"))
-                parts = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
-                if parts < _MIN_REDIS_VERSION:
-                    self._safe = False
-                    logger.warning(
-                        "Redis %s has no BLMOVE: messages are taken as kombu takes them, "
-                        "and one can be lost if the connection drops as it is taken; "
-                        "use Redis 6.2 or newer",
-                        version,
-                    )
         return self._safe
 
     def _keep_alive(self) -> None:
@@ -188,51 +194,63 @@ class Channel(redis.Channel):
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
-        keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         self._keep_alive()
         self._in_poll = self.client.connection
         # kombu's poller reads these two to watch the pending command.
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]
-        if self._waiting_on is None:
+        if not self._waiting:
             # Without blocking: the first waiting message of any queue.
+            keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
             self.client.connection.send_command(
                 "EVAL", _TAKE, len(keys), *keys, self.liveness_key
             )
             return
-        # Nothing was waiting: block on one queue, in turn.
-        wait_s = min(float(timeout or self.brpop_timeout or WAIT_S), WAIT_S)
-        self._waiting_on = keys[0]
-        self.client.connection.send_command(
-            "BLMOVE", keys[0], self.in_flight_key(keys[0]), "RIGHT", "LEFT", wait_s
-        )
+        # Nothing was waiting: sleep until a sender signals a new message.
+        wait_s = float(timeout or self.brpop_timeout or WAIT_S)
+        signals = [signal_key(queue) for queue in queues]
+        self.client.connection.send_command("BRPOP", *signals, wait_s)
 
     def _brpop_read(self, **options: Any) -> bool:
         if not self._takes_safely():
             return bool(super()._brpop_read(**options))
-        waited_on = self._waiting_on
+        waited = self._waiting
         try:
-            command = "EVAL" if waited_on is None else "BLMOVE"
+            command = "BRPOP" if waited else "EVAL"
             try:
                 reply = self.client.parse_response(self.client.connection, command, **options)
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
-            if waited_on is None:
-                if not reply:
-                    self._waiting_on = ""  # block on the next poll
-                    raise Empty()
-                key, message = (_text(part) for part in reply)
-            else:
-                self._waiting_on = None
-                if not reply:
-                    # Wait on the next queue next time.
-                    self._queue_cycle.rotate(waited_on.rsplit(self.sep, 1)[0])
-                    raise Empty()
-                key, message = waited_on, _text(reply)
         finally:
             self._in_poll = None  # type: ignore[assignment]
-        self._waiting_on = None
+        if waited:
+            # Woken by a signal or by the timeout: look at every queue again.
+            self._waiting = False
+            raise Empty()
+        if not reply:
+            self._waiting = True
+            raise Empty()
+        key, message = (_text(part) for part in reply)
         return self._record_and_deliver(key, message)
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        super()._put(queue, message, **kwargs)
+        key = signal_key(queue)
+        batch = kwargs.get("_publish_batch")
+        if batch is not None:
+            batch.add("lpush", key, b"1")
+            batch.add("ltrim", key, 0, SIGNALS_KEPT - 1)
+            batch.add("pexpire", key, SIGNAL_TTL_MS)
+            return
+        together = getattr(self._together, "pipeline", None)
+        if together is not None:
+            # Publishing together: the signal goes in the same transaction.
+            _signal(together, key)
+            return
+        with self.conn_or_acquire() as client:
+            with client.pipeline() as pipeline:
+                _signal(pipeline, key)
+                pipeline.execute()
 
     def _record_and_deliver(self, key: str, message: str) -> bool:
         payload = loads(message)
@@ -322,6 +340,11 @@ class Channel(redis.Channel):
             finally:
                 self._together.pipeline = None
             pipeline.execute()
+
+
+def _signal(pipeline: Any, key: str) -> None:
+    """Queue the commands that push one token to the signal list ``key``."""
+    pipeline.lpush(key, b"1").ltrim(key, 0, SIGNALS_KEPT - 1).pexpire(key, SIGNAL_TTL_MS)
 
 
 def _text(value: Any) -> str:
