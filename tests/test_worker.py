@@ -934,3 +934,95 @@ def test_heartbeats_resume_after_broker_restart(kind: str, tmp_path: Path) -> No
         app.close()
         broker.stop()
         broker.remove_data()
+
+
+# -- Stopping services ------------------------------------------------------------
+
+
+def lifecycle_markers(folder: Path, event: str) -> list[int]:
+    """Return the PIDs of the real (not dry-run) ``event`` markers in ``folder``."""
+    markers = [json.loads(path.read_text()) for path in folder.glob("*.json")]
+    return sorted(m["pid"] for m in markers if m["event"] == event and not m["dry_run"])
+
+
+def marker_worker(broker_url: str, folder: Path) -> WorkerProcess:
+    """Start a prefork worker hosting the lifecycle marker service, and wait until it is ready."""
+    markers = folder / "markers"
+    markers.mkdir()
+    worker = WorkerProcess(
+        broker_url,
+        [LIFECYCLE_SERVICE],
+        "prefork",
+        "workflows_celery",
+        folder,
+        env={MARKER_DIR_VARIABLE: str(markers)},
+    )
+    worker.start()
+    worker.wait_until_ready()
+    return worker
+
+
+@pytest.mark.parametrize("by", ["service", "host"])
+def test_shutdown_command_stops_worker(broker_url: str, tmp_path: Path, by: str) -> None:
+    worker = marker_worker(broker_url, tmp_path)
+    markers = tmp_path / "markers"
+    try:
+        if by == "host":
+            board = StatusBoard()
+            monitor = CeleryTransport(create_app(broker_url, main="tests.shutdown"))
+            monitor.subscribe_broadcast(STATUS_TOPIC, board)
+            try:
+                assert wait_for(
+                    lambda: len(statuses_of(board, worker)) == PREFORK_CONCURRENCY,
+                    timeout_s=STATUS_INTERVAL_S + 10,
+                ), board.snapshot()
+            finally:
+                monitor.disconnect()
+            target = statuses_of(board, worker)[0]["host"]
+        else:
+            target = "LifecycleMarker"
+
+        sent = subprocess.run(
+            [sys.executable, "-m", "workflows_celery", "shutdown", target, "--broker", broker_url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+        assert sent.returncode == 0, sent.stderr
+        assert f"Sent shutdown to {by} {target}" in sent.stdout
+        assert worker.process is not None
+        assert worker.process.wait(WORKER_STOP_TIMEOUT_S) == 0, worker.describe()
+        stopped_here = worker.output().count("Stopping service Lifecycle marker on command")
+        assert stopped_here == (PREFORK_CONCURRENCY if by == "service" else 1), worker.describe()
+        # Every service instance ran in_shutdown(), the named ones and the rest.
+        assert lifecycle_markers(markers, "in_shutdown") == lifecycle_markers(
+            markers, "initializing"
+        )
+        assert len(lifecycle_markers(markers, "in_shutdown")) == PREFORK_CONCURRENCY
+    finally:
+        worker.stop()
+
+
+def test_celery_control_stops_services(redis_url: str, tmp_path: Path) -> None:
+    worker = marker_worker(redis_url, tmp_path)
+    try:
+        node = re.search(rf"{re.escape(worker.node_name)}@\S+", worker.output())
+        assert node is not None, worker.describe()
+        replied = subprocess.run(
+            [
+                sys.executable, "-m", "celery", "-A", "workflows_celery", "-b", redis_url,
+                "control", "workflows_shutdown", "LifecycleMarker", "-d", node.group(0).rstrip(":"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )  # fmt: skip
+
+        assert replied.returncode == 0, replied.stdout + replied.stderr
+        assert "shutdown of LifecycleMarker requested" in replied.stdout
+        assert worker.process is not None
+        assert worker.process.wait(WORKER_STOP_TIMEOUT_S) == 0, worker.describe()
+        assert len(lifecycle_markers(tmp_path / "markers", "in_shutdown")) == PREFORK_CONCURRENCY
+    finally:
+        worker.stop()

@@ -153,6 +153,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.set_defaults(handler=command_status)
 
+    shutdown = commands.add_parser(
+        "shutdown",
+        help="stop hosted services by host or by service",
+        description=(
+            "Stop service instances through the workflows command topic, as zocalo.shutdown "
+            "does: every instance of a service class, or the one instance with a host ID "
+            "(see 'workflows-celery status'). A worker process left without services "
+            "stops its worker."
+        ),
+    )
+    shutdown.add_argument("-b", "--broker", metavar="URL", help="Celery broker URL")
+    shutdown.add_argument(
+        "targets",
+        nargs="+",
+        metavar="TARGET",
+        help="a service class name (e.g. SamplePipethrough) or a host ID (contains dots)",
+    )
+    shutdown.set_defaults(handler=command_shutdown)
+
     _add_dlq_commands(commands)
     return parser
 
@@ -368,6 +387,21 @@ def command_status(args: argparse.Namespace) -> int:
         return 0
     finally:
         transport.disconnect()
+
+
+def command_shutdown(args: argparse.Namespace) -> int:
+    """Broadcast a shutdown command for each target."""
+    from workflows_celery.constants import COMMAND_TOPIC
+    from workflows_celery.control import shutdown_command
+    from workflows_celery.transport import CeleryTransport
+
+    app = _broker_app(args)
+    transport = CeleryTransport(app)
+    for target in args.targets:
+        transport.broadcast(COMMAND_TOPIC, shutdown_command(target))
+        kind = "host" if "." in target else "service"
+        print(f"Sent shutdown to {kind} {target} on {mask_url(app.conf.broker_url)}")
+    return 0
 
 
 def command_validate(args: argparse.Namespace) -> int:

@@ -22,6 +22,9 @@ HEADER_RECIPE = "workflows-recipe"
 #: Topic on which services broadcast their status, as in workflows.
 STATUS_TOPIC = "transient.status"
 
+#: Topic on which services receive commands such as shutdown, as in workflows.
+COMMAND_TOPIC = "command"
+
 #: Seconds after which a status message is dropped, as in workflows.
 STATUS_EXPIRATION_S = 15
 

@@ -242,6 +242,8 @@ def embedded_worker(
         services=services,
         quiet=True,
     )
+    # A shutdown command stops the services it names, but never this process.
+    state_for(app).shutdown_worker = None
 
     def work() -> None:
         # Celery's pools look the task up in the current app of the thread

@@ -22,6 +22,7 @@ from celery.exceptions import Reject
 from workflows.services.common_service import CommonService
 
 from workflows_celery import deadletter, logcontext
+from workflows_celery.control import CommandListener
 from workflows_celery.errors import (
     ConfigurationError,
     NotARecipeError,
@@ -92,6 +93,14 @@ class Dispatcher(SubscriptionBinder):
                     for h in handlers
                     if not (h.transport is transport and h.subscription_id == subscription_id)
                 ]
+                if not handlers:
+                    del self._handlers[destination]
+
+    def unbind_transport(self, transport: CeleryTransport) -> None:
+        """Stop routing messages to every subscription of ``transport``."""
+        with self._lock:
+            for destination, handlers in list(self._handlers.items()):
+                handlers[:] = [h for h in handlers if h.transport is not transport]
                 if not handlers:
                     del self._handlers[destination]
 
@@ -263,6 +272,9 @@ class AppState:
     start_in_children: bool = False
     #: Celery fields of the worker, added to every status heartbeat.
     worker_fields: dict[str, Any] = field(default_factory=dict)
+    #: Stops the worker once a process has no service left (None: do nothing).
+    shutdown_worker: Callable[[], None] | None = None
+    command_listener: CommandListener | None = None
 
     def start_services(self, app: Celery) -> None:
         """Start one instance of every hosted service in this process."""
@@ -271,9 +283,23 @@ class AppState:
             host = HostedService(app, service_class, self.dispatcher)
             host.start()
             self.hosts.append(host)
+        if self.hosts and self.command_listener is None:
+            self.command_listener = CommandListener(app, self)
+            self.command_listener.start()
+
+    def stop_host(self, host: HostedService) -> None:
+        """Stop one service; the worker no longer hands its messages to it."""
+        if host in self.hosts:
+            self.hosts.remove(host)
+        if host.transport is not None:
+            self.dispatcher.unbind_transport(host.transport)
+        host.stop()
 
     def stop_services(self) -> None:
         """Stop every service started by :meth:`start_services`, newest first."""
+        listener, self.command_listener = self.command_listener, None
+        if listener is not None:
+            listener.stop()
         while self.hosts:
             self.hosts.pop().stop()
 

@@ -9,6 +9,7 @@ themselves run where the steps execute: in each prefork child (started on
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
 from typing import Any
@@ -30,6 +31,7 @@ from workflows_celery.constants import (
     SETTING_DELIVERY_LIMIT,
     SETTING_SERVICES,
 )
+from workflows_celery.control import warm_shutdown
 from workflows_celery.deadletter import dead_letter_raw
 from workflows_celery.errors import ServiceNotFoundError
 from workflows_celery.hosting import state_for
@@ -94,6 +96,8 @@ class WorkflowsServices(bootsteps.StartStopStep):
             "pool": worker.pool_cls.__module__.rsplit(".", 1)[-1],
             "concurrency": worker.concurrency,
         }
+        # Prefork children inherit this, so it stops the main process from any of them.
+        state.shutdown_worker = warm_shutdown(os.getpid())
         names = parse_service_names(services) or parse_service_names(
             app.conf.get(SETTING_SERVICES)
         )

@@ -1,0 +1,126 @@
+"""Stopping hosted services by host or by service.
+
+workflows services stop when a message on the ``command`` topic names them:
+``{"command": "shutdown", "host": ...}`` or ``{"command": "shutdown",
+"service": <class name>}`` (with both, both must match), as ``zocalo.shutdown``
+sends. Every worker process that hosts services listens there too, runs
+``in_shutdown()`` of the services named, and when it has none left, stops its
+worker with a warm shutdown, which stops the worker's other services as well.
+
+``celery control workflows_shutdown TARGET`` does the same through Celery's
+remote control, for the workers it reaches: TARGET is a service class name, or a
+host (which contains dots).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery
+from celery.worker.control import control_command
+
+from workflows_celery.constants import COMMAND_TOPIC
+
+if TYPE_CHECKING:
+    from workflows_celery.hosting import AppState, HostedService
+
+logger = logging.getLogger(__name__)
+
+#: Field of a command that limits it to one Celery worker (its node name);
+#: Celery's remote control adds it, workflows' own tools do not.
+WORKER_FIELD = "worker"
+
+
+def shutdown_command(target: str, worker: str | None = None) -> dict[str, Any]:
+    """Return the command message that stops the service class or host ``target``."""
+    message: dict[str, Any] = {"command": "shutdown"}
+    message["host" if "." in target else "service"] = target
+    if worker:
+        message[WORKER_FIELD] = worker
+    return message
+
+
+def matching_hosts(
+    hosts: list[HostedService], command: Mapping[str, Any], worker: str | None
+) -> list[HostedService]:
+    """Return the services a shutdown command names, as workflows' frontend matches them."""
+    if command.get("command") != "shutdown":
+        return []
+    host, service = command.get("host"), command.get("service")
+    if host is None and service is None:
+        return []
+    if command.get(WORKER_FIELD) not in (None, worker):
+        return []
+    return [
+        hosted
+        for hosted in hosts
+        if (host is None or (hosted.reporter is not None and hosted.reporter.host == host))
+        and (service is None or hosted.service_class.__name__ == service)
+    ]
+
+
+class CommandListener:
+    """Listens on the command topic in one worker process and stops the services named.
+
+    Args:
+        app: The worker's app.
+        state: The process's hosted services.
+    """
+
+    def __init__(self, app: Celery, state: AppState) -> None:
+        from workflows_celery.transport import CeleryTransport
+
+        self.state = state
+        self.transport = CeleryTransport(app)
+
+    def start(self) -> None:
+        """Subscribe to the command topic, on a listener thread of this process."""
+        self.transport.subscribe_broadcast(COMMAND_TOPIC, self.on_command)
+
+    def stop(self) -> None:
+        """Stop listening."""
+        self.transport.disconnect()
+
+    def on_command(self, header: Mapping[str, Any], message: Any) -> None:
+        """Stop the services a command names; stop the worker when none is left here."""
+        if not isinstance(message, dict):
+            return
+        state = self.state
+        targets = matching_hosts(state.hosts, message, state.worker_fields.get("worker"))
+        if not targets:
+            return
+        for hosted in targets:
+            logger.info("Stopping service %s on command %s", hosted.name, message)
+            state.stop_host(hosted)
+        if not state.hosts:
+            logger.info("This worker process hosts no service any more; stopping the worker")
+            shutdown = state.shutdown_worker
+            if shutdown is not None:
+                shutdown()
+
+
+def warm_shutdown(pid: int) -> Callable[[], None]:
+    """Return a function that asks the worker whose main process is ``pid`` to stop warm."""
+
+    def shut_down() -> None:
+        os.kill(pid, signal.SIGTERM)
+
+    return shut_down
+
+
+@control_command(
+    args=[("target", str)],
+    signature="<service class or host>",
+)
+def workflows_shutdown(state: Any, target: str) -> dict[str, str]:
+    """Stop the workflows services named by TARGET on this worker (a service class or a host)."""
+    from workflows_celery.transport import CeleryTransport
+
+    consumer = state.consumer
+    worker = consumer.hostname
+    CeleryTransport(consumer.app).broadcast(COMMAND_TOPIC, shutdown_command(target, worker))
+    return {"ok": f"shutdown of {target} requested on {worker}"}
