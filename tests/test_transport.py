@@ -700,3 +700,30 @@ def test_transports_keep_separate_subscriptions(harness: Harness) -> None:
     assert wait_for(lambda: second_received.received("for second"))
     assert first_received.messages == ["for first"]
     assert second_received.messages == ["for second"]
+
+
+def test_namespaces_keep_broadcasts_apart(broker_url: str, unique: str) -> None:
+    apps = {name: create_app(broker_url, main=f"tests.{name}.{unique}") for name in ("live", "test")}
+    heard = {name: Recorder() for name in apps}
+    transports = []
+    try:
+        for name, app in apps.items():
+            app.conf.workflows_namespace = f"{name}-{unique}"
+            listener = CeleryTransport(app)
+            transports.append(listener)
+            listener.subscribe_broadcast(STATUS_TOPIC, heard[name])
+        for name, app in apps.items():
+            sender = CeleryTransport(app)
+            transports.append(sender)
+            sender.broadcast_status({"host": f"host-{name}", "status": 1, "workflows": "test"})
+
+        for name in apps:
+            assert wait_for(lambda name=name: len(heard[name].messages) == 1), name
+        assert stays_false(lambda: any(len(recorder.messages) > 1 for recorder in heard.values()))
+        assert heard["live"].messages[0]["host"] == "host-live"
+        assert heard["test"].messages[0]["host"] == "host-test"
+    finally:
+        for transport in transports:
+            transport.disconnect()
+        for app in apps.values():
+            app.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -11,6 +12,8 @@ from workflows_celery import logcontext
 from workflows_celery.constants import (
     DEFAULT_APP_NAME,
     DEFAULT_PROCESS_START_TIMEOUT_S,
+    NAMESPACE_VARIABLE,
+    SETTING_NAMESPACE,
     SETTING_SERVICES,
     STEP_TASK_NAME,
 )
@@ -56,6 +59,8 @@ def setup_app(app: Celery, *, services: Any = None) -> Celery:
         app.conf.worker_proc_alive_timeout = DEFAULT_PROCESS_START_TIMEOUT_S
     if services is not None:
         app.conf[SETTING_SERVICES] = services
+    if app.conf.get(SETTING_NAMESPACE) is None and os.environ.get(NAMESPACE_VARIABLE):
+        app.conf[SETTING_NAMESPACE] = os.environ[NAMESPACE_VARIABLE]
     apply_broker_defaults(app)
     # Worker log lines about a step name its service, run ID and node.
     logcontext.install()

@@ -54,6 +54,13 @@ SETTING_DELIVERY_LIMIT = "workflows_delivery_limit"
 #: headers. Large data belongs in files; messages carry their paths.
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
+#: Setting naming the environment (e.g. "live" or "test") whose broadcasts an
+#: app sends and hears: topics become ``<namespace>.<topic>`` on the broker.
+SETTING_NAMESPACE = "workflows_namespace"
+
+#: Environment variable that sets :data:`SETTING_NAMESPACE` when an app does not.
+NAMESPACE_VARIABLE = "WORKFLOWS_CELERY_NAMESPACE"
+
 #: Setting that overrides :data:`DEFAULT_MAX_MESSAGE_BYTES` (0: no limit).
 SETTING_MAX_MESSAGE_BYTES = "workflows_max_message_bytes"
 

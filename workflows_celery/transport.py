@@ -55,6 +55,7 @@ from workflows.transport.common_transport import CommonTransport, MessageCallbac
 from workflows_celery import deadletter, redis_transport, routing
 from workflows_celery.constants import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    SETTING_NAMESPACE,
     HEADER_RECIPE,
     SETTING_MAX_MESSAGE_BYTES,
     STATUS_EXPIRATION_S,
@@ -217,6 +218,15 @@ class CeleryTransport(CommonTransport):
             self._app_made = create_app(self._broker_url) if self._broker_url else default_app()
         return self._app_made
 
+    def topic_name(self, topic: str) -> str:
+        """Return the name a topic has on the broker: prefixed with the app's namespace, if any.
+
+        Apps with different ``workflows_namespace`` settings share a broker
+        without hearing each other's broadcasts (status, commands, topics).
+        """
+        namespace = self.app.conf.get(SETTING_NAMESPACE)
+        return f"{namespace}.{topic}" if namespace else topic
+
     # -- Connection ---------------------------------------------------------------
 
     def connect(self) -> bool:
@@ -285,7 +295,7 @@ class CeleryTransport(CommonTransport):
         **kwargs: Any,
     ) -> None:
         self._enqueue(
-            Destination(str(destination), is_topic=True),
+            Destination(self.topic_name(str(destination)), is_topic=True),
             message,
             headers,
             delay,
@@ -369,7 +379,7 @@ class CeleryTransport(CommonTransport):
     def _subscribe_broadcast(
         self, sub_id: int, channel: str, callback: MessageCallback, **kwargs: Any
     ) -> None:
-        destination = Destination(str(channel), is_topic=True)
+        destination = Destination(self.topic_name(str(channel)), is_topic=True)
         self._add_subscription(
             sub_id,
             destination,
