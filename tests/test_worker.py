@@ -13,6 +13,7 @@ process instead, on kombu's in-memory broker.
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,7 +40,7 @@ from kombu import Connection
 from workflows.recipe.wrapper import RecipeWrapper
 from workflows.services.common_service import CommonService
 
-from soak.brokers import private_broker
+from soak.brokers import free_port, port_open, private_broker
 from workflows_celery import (
     CeleryTransport,
     create_app,
@@ -1025,4 +1027,83 @@ def test_celery_control_stops_services(redis_url: str, tmp_path: Path) -> None:
         assert worker.process.wait(WORKER_STOP_TIMEOUT_S) == 0, worker.describe()
         assert len(lifecycle_markers(tmp_path / "markers", "in_shutdown")) == PREFORK_CONCURRENCY
     finally:
+        worker.stop()
+
+
+# -- Flower -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def flower(redis_url: str, tmp_path: Path) -> Iterator[str]:
+    """A flower process on a free port of 127.0.0.1, reading Redis; yields its address."""
+    if importlib.util.find_spec("flower") is None:
+        pytest.skip("flower is not installed (pip install -e '.[test]' installs it)")
+    port = free_port()
+    log_path = tmp_path / "flower.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "celery", "-A", "workflows_celery", "-b", redis_url,
+                "flower", "--address=127.0.0.1", f"--port={port}",
+            ],
+            env={**os.environ, "FLOWER_UNAUTHENTICATED_API": "true"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        assert wait_for(lambda: port_open(port), timeout_s=30), log_path.read_text()
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(WORKER_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+def flower_json(address: str, path: str) -> Any:
+    """Return the JSON of a GET request to flower's HTTP API."""
+    with urllib.request.urlopen(f"{address}{path}", timeout=10) as response:
+        return json.load(response)
+
+
+def test_flower_lists_steps_by_name(
+    workers: Workers, redis_url: str, flower: str, tmp_path: Path, unique: str
+) -> None:
+    # A worker of its own, sending task events (-E); the shared one on Redis
+    # would share the sample queue with it.
+    workers.stop(redis_url)
+    purge_queues(redis_url, DESTINATION_QUEUE, TRANSACTION_QUEUE)
+    worker = WorkerProcess(redis_url, ["SamplePipethrough"], "prefork", "workflows_celery", tmp_path)
+    worker.command.append("-E")
+    client = Client(redis_url)
+    try:
+        worker.start()
+        worker.wait_until_ready()
+        node = re.search(rf"{re.escape(worker.node_name)}@\S+", worker.output())
+        assert node is not None, worker.describe()
+        final_queue = f"workflows_celery.test.final.{unique}"
+        client.queues_to_delete.append(final_queue)
+        client.subscribe_recipe(final_queue)
+
+        run_id = start_recipe(pipethrough_recipe(final_queue, unique), app=client.app)
+
+        def steps_of_run() -> list[dict[str, Any]]:
+            tasks = flower_json(flower, f"/api/tasks?search={run_id}")
+            return [task for task in tasks.values() if task.get("state") == "SUCCESS"]
+
+        # Three Pipethrough steps; the collector is a plain subscriber, not a worker.
+        assert wait_for(lambda: len(steps_of_run()) == 3, timeout_s=DELIVERY_TIMEOUT_S), (
+            flower_json(flower, "/api/tasks?limit=5")
+        )
+        for task in steps_of_run():
+            assert task["name"] == f"Message Pipethrough ({DESTINATION_QUEUE})", task
+            assert task["root_id"] == run_id, task
+        assert wait_for(
+            lambda: node.group(0) in flower_json(flower, "/api/workers?refresh=1"),
+            timeout_s=DELIVERY_TIMEOUT_S,
+        )
+    finally:
+        client.close()
         worker.stop()
