@@ -13,6 +13,7 @@ process instead, on kombu's in-memory broker.
 from __future__ import annotations
 
 import fcntl
+import functools
 import importlib.util
 import json
 import logging
@@ -1107,3 +1108,25 @@ def test_flower_lists_steps_by_name(
     finally:
         client.close()
         worker.stop()
+
+
+def test_workflows_monitor_sees_hosted_services(workers: Workers, broker_url: str) -> None:
+    from workflows.contrib.status_monitor import Monitor
+
+    worker = workers.get(broker_url, ["SamplePipethrough"])
+    # The monitor makes its transport by calling what it is given.
+    monitor = Monitor(functools.partial(CeleryTransport, broker_url=broker_url))
+    transport = monitor._transport
+
+    def seen() -> list[dict[str, Any]]:
+        # Its only view of what it heard, short of drawing it with curses.
+        nodes = list(monitor._node_status.values())
+        prefix = f"{worker.node_name}@"
+        return [n for n in nodes if str(n.get("celery", {}).get("worker")).startswith(prefix)]
+
+    try:
+        arrived = wait_for(lambda: len(seen()) == PREFORK_CONCURRENCY, STATUS_INTERVAL_S + 10)
+        assert arrived, monitor._node_status
+        assert {node["serviceclass"] for node in seen()} == {"SamplePipethrough"}
+    finally:
+        transport.disconnect()
