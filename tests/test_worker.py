@@ -1130,3 +1130,43 @@ def test_workflows_monitor_sees_hosted_services(workers: Workers, broker_url: st
         assert {node["serviceclass"] for node in seen()} == {"SamplePipethrough"}
     finally:
         transport.disconnect()
+
+
+def test_celery_inspect_answers(workers: Workers, broker_url: str) -> None:
+    worker = workers.get(broker_url, ["SamplePipethrough"])
+    node = re.search(rf"{re.escape(worker.node_name)}@\S+", worker.output())
+    assert node is not None, worker.describe()
+
+    queues = subprocess.run(
+        [
+            sys.executable, "-m", "celery", "-A", "workflows_celery", "-b", broker_url,
+            "inspect", "active_queues", "-d", node.group(0), "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+
+    assert queues.returncode == 0, queues.stdout + queues.stderr
+    names = {queue["name"] for queue in json.loads(queues.stdout)[node.group(0)]}
+    assert DESTINATION_QUEUE in names, names
+
+
+def test_status_live_refreshes_until_interrupted(workers: Workers, broker_url: str) -> None:
+    workers.get(broker_url, ["SamplePipethrough"])
+    live = subprocess.Popen(
+        [sys.executable, "-m", "workflows_celery", "status", "--broker", broker_url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(STATUS_INTERVAL_S + 2)
+    finally:
+        live.send_signal(signal.SIGINT)
+    output, errors = live.communicate(timeout=30)
+
+    assert live.returncode == 0, errors
+    tables = output.count("HOST ")
+    assert tables >= STATUS_INTERVAL_S, output
+    assert "Message Pipethrough" in output

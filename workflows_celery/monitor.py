@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +32,14 @@ class _Entry:
 
 
 class StatusBoard:
-    """The latest status of every service instance heard from; a subscription callback."""
+    """The latest status of every service instance heard from; a subscription callback.
 
-    def __init__(self) -> None:
+    Args:
+        clock: Returns the current time in seconds since the epoch.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
 
@@ -42,11 +47,11 @@ class StatusBoard:
         if not isinstance(message, dict) or "host" not in message:
             return
         with self._lock:
-            self._entries[str(message["host"])] = _Entry(dict(message), time.time())
+            self._entries[str(message["host"])] = _Entry(dict(message), self._clock())
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Return each entry's status with ``last_seen_s`` and ``gone``, sorted by host."""
-        now = time.time()
+        now = self._clock()
         rows = []
         with self._lock:
             for host in sorted(self._entries):
