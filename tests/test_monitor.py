@@ -40,7 +40,8 @@ def test_entry_gone_then_dropped() -> None:
     board({}, status("vm.1.FindSpots", 0.25))
 
     (row,) = board.snapshot()
-    assert row["gone"] is False and row["last_seen_s"] == 0
+    assert row["gone"] is False
+    assert row["last_seen_s"] == 0
 
     clock.now += GONE_AFTER_S + 1
     (row,) = board.snapshot()

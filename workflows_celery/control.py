@@ -104,7 +104,7 @@ class CommandListener:
 
 
 def warm_shutdown(pid: int) -> Callable[[], None]:
-    """Return a function that asks the worker whose main process is ``pid`` to stop warm."""
+    """Return a function that sends SIGTERM (warm shutdown) to the worker's main process ``pid``."""
 
     def shut_down() -> None:
         os.kill(pid, signal.SIGTERM)

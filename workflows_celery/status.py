@@ -1,9 +1,9 @@
 """Status heartbeats of hosted services, as workflows' frontend broadcasts them.
 
 Each hosted service instance broadcasts the workflows status dict on the
-``transient.status`` topic: at once when its state changes (an idle state only
-once it has lasted half a second, so a busy service does not flicker), and
-every :data:`STATUS_INTERVAL_S` seconds otherwise. Each message expires after
+``transient.status`` topic at once when its state changes, and every
+:data:`STATUS_INTERVAL_S` seconds otherwise. An idle state is announced only
+once it has lasted half a second, so a busy service does not flicker. Each message expires after
 15 seconds. Monitors written for workflows read these messages unchanged. The
 ``celery`` field adds what Celery users look for: the worker's node name, its
 pool and concurrency, and the messages this instance has processed.
