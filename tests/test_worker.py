@@ -686,7 +686,7 @@ def test_log_records_carry_recipe_id(unique: str) -> None:
 
     # The worker's log text names the service, the run and the node too.
     text = logging.Formatter(app.conf.worker_log_format).format(step_records[0])
-    assert f"[Logging step run {run_id} node 1] Step " in text, text
+    assert f"[Logging step run {run_id} step 1] Step " in text, text
     outside = logging.Formatter(app.conf.worker_log_format).format(
         logging.getLogger("tests").makeRecord("tests", logging.INFO, __file__, 1, "plain", (), None)
     )
@@ -1170,3 +1170,79 @@ def test_status_live_refreshes_until_interrupted(workers: Workers, broker_url: s
     tables = output.count("HOST ")
     assert tables >= STATUS_INTERVAL_S, output
     assert "Message Pipethrough" in output
+
+
+def test_shutdown_stops_worker_without_services(redis_url: str, tmp_path: Path) -> None:
+    worker = WorkerProcess(redis_url, None, "prefork", "workflows_celery", tmp_path)
+    board = StatusBoard()
+    monitor = CeleryTransport(create_app(redis_url, main="tests.shutdown.plain"))
+    try:
+        worker.start()
+        worker.wait_until_ready()
+        monitor.subscribe_broadcast(STATUS_TOPIC, board)
+        assert wait_for(lambda: len(statuses_of(board, worker)) == 1, STATUS_INTERVAL_S + 10)
+        (row,) = statuses_of(board, worker)
+
+        sent = subprocess.run(
+            [sys.executable, "-m", "workflows_celery", "shutdown", row["host"], "--broker", redis_url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+        assert sent.returncode == 0, sent.stderr
+        assert worker.process is not None
+        assert worker.process.wait(WORKER_STOP_TIMEOUT_S) == 0, worker.describe()
+        assert "Stopping worker" in worker.output()
+    finally:
+        monitor.disconnect()
+        worker.stop()
+
+
+def test_stopped_service_queue_no_longer_read(redis_url: str, tmp_path: Path) -> None:
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    worker = WorkerProcess(
+        redis_url,
+        [LIFECYCLE_SERVICE, "tests.services_for_tests:Rejector"],
+        "prefork",
+        "workflows_celery",
+        tmp_path,
+        env={MARKER_DIR_VARIABLE: str(markers)},
+    )
+
+    def read_queues() -> set[str]:
+        inspected = subprocess.run(
+            [
+                sys.executable, "-m", "celery", "-A", "workflows_celery", "-b", redis_url,
+                "inspect", "active_queues", "-d", node, "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert inspected.returncode == 0, inspected.stdout + inspected.stderr
+        return {queue["name"] for queue in json.loads(inspected.stdout)[node]}
+
+    try:
+        worker.start()
+        worker.wait_until_ready()
+        found = re.search(rf"{re.escape(worker.node_name)}@\S+", worker.output())
+        assert found is not None, worker.describe()
+        node = found.group(0)
+        assert "test.rejector" in read_queues()
+
+        sent = subprocess.run(
+            [sys.executable, "-m", "workflows_celery", "shutdown", "Rejector", "--broker", redis_url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+        assert sent.returncode == 0, sent.stderr
+        assert wait_for(lambda: "test.rejector" not in read_queues(), timeout_s=30), worker.describe()
+        assert worker.is_running()
+        # The other service goes on.
+        assert lifecycle_markers(markers, "in_shutdown") == []
+    finally:
+        worker.stop()

@@ -74,6 +74,7 @@ class CommandListener:
     def __init__(self, app: Celery, state: AppState) -> None:
         from workflows_celery.transport import CeleryTransport
 
+        self.app = app
         self.state = state
         self.transport = CeleryTransport(app)
 
@@ -93,6 +94,7 @@ class CommandListener:
         targets = matching_hosts(state.hosts, message, state.worker_fields.get("worker"))
         if not targets:
             return
+        before = set(state.dispatcher.destinations())
         for hosted in targets:
             logger.info("Stopping service %s on command %s", hosted.name, message)
             state.stop_host(hosted)
@@ -101,6 +103,17 @@ class CommandListener:
             shutdown = state.shutdown_worker
             if shutdown is not None:
                 shutdown()
+            return
+        # The worker would go on taking the stopped services' messages and,
+        # with nobody here to read them, send them round to the dead-letter queue.
+        unread = [d for d in before - set(state.dispatcher.destinations()) if not d.is_topic]
+        worker = state.worker_fields.get("worker")
+        for destination in unread:
+            # NOTE: this stops the whole worker reading the queue, also in its
+            # other processes where an instance of the service still runs.
+            logger.info("Worker %s stops reading %s", worker, destination)
+            if worker:
+                self.app.control.cancel_consumer(destination.name, destination=[worker])
 
 
 def warm_shutdown(pid: int) -> Callable[[], None]:

@@ -25,8 +25,8 @@ _installed = False
 #: Fields every record gets once the factory is installed ("-" outside a step).
 DEFAULT_FIELDS = ("recipe_ID", "recipe_pointer")
 
-#: Field with the step's service, run ID and node as text, e.g. " [Find spots run
-#: 3f2c... node 2]", and empty outside a step; worker log formats include it.
+#: Field with the step's service, run ID and recipe step as text, e.g. " [Find
+#: spots run 3f2c... step 2]", and empty outside a step; worker log formats include it.
 STEP_TEXT_FIELD = "workflows_step"
 
 #: Celery's default ``worker_log_format``, which :func:`log_format_with_step` extends.
@@ -82,14 +82,14 @@ def step_fields(service: Any = None, **fields: Any) -> Iterator[None]:
 
 
 def step_text(fields: Mapping[str, Any]) -> str:
-    """Return the service, run ID and node of a step as log text, or "" outside a step."""
+    """Return the service, run ID and recipe step as log text, or "" outside a step."""
     parts = []
     if fields.get("workflows_service"):
         parts.append(str(fields["workflows_service"]))
     if fields.get("recipe_ID") is not None:
         parts.append(f"run {fields['recipe_ID']}")
     if fields.get("recipe_pointer") is not None:
-        parts.append(f"node {fields['recipe_pointer']}")
+        parts.append(f"step {fields['recipe_pointer']}")
     return f" [{' '.join(parts)}]" if parts else ""
 
 

@@ -26,12 +26,13 @@ from workflows_celery import routing
 from workflows_celery.application import apply_broker_defaults
 from workflows_celery.constants import (
     CELERY_DEFAULT_CONSUMER,
+    COMMAND_TOPIC,
     DEFAULT_APP_NAME,
     DEFAULT_DELIVERY_LIMIT,
     SETTING_DELIVERY_LIMIT,
     SETTING_SERVICES,
 )
-from workflows_celery.control import warm_shutdown
+from workflows_celery.control import WORKER_FIELD, warm_shutdown
 from workflows_celery.deadletter import dead_letter_raw
 from workflows_celery.errors import ServiceNotFoundError
 from workflows_celery.hosting import state_for
@@ -140,7 +141,9 @@ class WorkflowsServices(bootsteps.StartStopStep):
         if self.enabled and not state.start_in_children:
             state.stop_services()
 
-    shutdown = stop
+    # A cold shutdown (and the embedded worker's) terminates the steps
+    # instead of stopping them: services still run in_shutdown().
+    shutdown = terminate = stop
 
 
 class LeaseRenewal(bootsteps.StartStopStep):
@@ -167,7 +170,7 @@ class LeaseRenewal(bootsteps.StartStopStep):
     def stop(self, worker: Any) -> None:
         self._stopping.set()
 
-    shutdown = stop
+    shutdown = terminate = stop
 
     def _run(self, worker: Any) -> None:
         interval_s = renewal_interval_s(worker.app)
@@ -191,13 +194,19 @@ class LeaseRenewal(bootsteps.StartStopStep):
             )
 
 
+#: Service class name in the status of a worker that hosts no service.
+WORKER_SERVICE_CLASS = "celery"
+
+
 class WorkerHeartbeat(bootsteps.StartStopStep):
     """Worker bootstep that broadcasts a workflows status for a worker hosting no service.
 
     Hosted services broadcast their own status. A worker without any (one that
     runs only plain Celery tasks) appears with this one, as service "Celery
     worker", busy while it runs tasks. A thread of its own sends it, so no
-    ``celery beat`` is needed and a blocked event loop does not stop it.
+    ``celery beat`` is needed and a blocked event loop does not stop it. The
+    worker also stops on a shutdown command naming its host or the class
+    ``celery``.
     """
 
     label = "workflows status"
@@ -206,20 +215,25 @@ class WorkerHeartbeat(bootsteps.StartStopStep):
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._reporter: StatusReporter | None = None
+        self._transport: CeleryTransport | None = None
+        self._worker_name = ""
 
     def start(self, worker: Any) -> None:
         state = state_for(worker.app)
         if state.service_classes or self._thread is not None:
             return
-        transport = CeleryTransport(worker.app)
+        transport = self._transport = CeleryTransport(worker.app)
+        self._worker_name = str(state.worker_fields.get("worker", ""))
         self._reporter = StatusReporter(
             transport.broadcast_status,
-            host_id("celery"),
+            host_id(WORKER_SERVICE_CLASS),
             "Celery worker",
-            "celery",
+            WORKER_SERVICE_CLASS,
             state.worker_fields,
             lambda: sum(worker_state.total_count.values()),
         )
+        # A shutdown naming this worker's host, or the class "celery", stops it.
+        transport.subscribe_broadcast(COMMAND_TOPIC, self._on_command)
         self._thread = threading.Thread(
             target=self._run, name="workflows status", daemon=True
         )
@@ -231,8 +245,23 @@ class WorkerHeartbeat(bootsteps.StartStopStep):
             self._thread.join(STATUS_TICK_S * 4)
         if self._reporter is not None:
             self._reporter.update(CommonService.SERVICE_STATUS_END)
+        if self._transport is not None:
+            self._transport.disconnect()
 
-    shutdown = stop
+    def _on_command(self, header: Any, message: Any) -> None:
+        reporter = self._reporter
+        if not isinstance(message, dict) or reporter is None or message.get("command") != "shutdown":
+            return
+        if message.get(WORKER_FIELD) not in (None, self._worker_name):
+            return
+        host, service = message.get("host"), message.get("service")
+        if host is None and service is None:
+            return
+        if host in (None, reporter.host) and service in (None, WORKER_SERVICE_CLASS):
+            logger.info("Stopping worker %s on command %s", self._worker_name, message)
+            warm_shutdown(os.getpid())()
+
+    shutdown = terminate = stop
 
     def _run(self) -> None:
         reporter = self._reporter
