@@ -14,7 +14,7 @@ import pytest
 from soak.run import SoakSettings, soak
 
 #: Recipe runs of the short soak on each broker.
-RUNS = 400
+RUNS = 250
 
 SERVERS = {"redis": "redis-server", "rabbitmq": "rabbitmq-server"}
 
