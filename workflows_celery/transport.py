@@ -815,6 +815,8 @@ def publish_together(app: Celery, messages: list[OutgoingMessage]) -> None:
         if _uses_amqp(app):
             # A channel in confirm mode cannot use transactions, so this
             # connection leaves publisher confirms off; the commit confirms.
+            # NOTE: each commit opens a connection of its own, which costs a
+            # connection setup per transaction; a pool of them would not.
             with app.connection_for_write(
                 transport_options={"confirm_publish": False}
             ) as connection:
