@@ -68,7 +68,7 @@ class _EmbeddedConsumer(WorkflowsConsumer):
     """A worker consumer that stops within a fraction of a second.
 
     kombu's in-memory transport has no event loop support, so Celery runs
-    ``celery.worker.loops.synloop``. In Celery 5.7 each of its cycles waits up
+    ``celery.worker.loops.synloop`` (on the other brokers, see ``loop_args``). In Celery 5.7 each of its cycles waits up
     to 2 s for messages, and it runs one more cycle after it sees the shutdown
     flag, so with those waits leaving ``embedded_worker`` would take about 4 s.
     """
@@ -77,7 +77,16 @@ class _EmbeddedConsumer(WorkflowsConsumer):
         args = list(super().loop_args())
         if self.loop is loops.synloop:
             args[1] = _ShortDrainConnection(args[1])
+        elif self.hub is not None and not getattr(self, "_wakes", False):
+            # On Redis and RabbitMQ the event loop waits for its next timer,
+            # up to about 10 s when idle, before it sees the shutdown flag.
+            self.hub.call_repeatedly(EMBEDDED_WAIT_S, _wake_up)
+            self._wakes = True
         return tuple(args)
+
+
+def _wake_up() -> None:
+    """Do nothing: a timer entry that only makes the event loop look at its flags."""
 
 
 class _EmbeddedTimer(timer2.Timer):

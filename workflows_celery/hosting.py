@@ -34,6 +34,9 @@ from workflows_celery.transport import CeleryTransport, Settlement, Subscription
 
 logger = logging.getLogger(__name__)
 
+#: Seconds between two attempts to start a service while the broker is unreachable.
+START_RETRY_INTERVAL_S = 1.0
+
 # What became of a step message, as the step task returns it for Celery's log.
 OUTCOME_PROCESSED = "processed"
 OUTCOME_PUBLISHED_AGAIN = "published again"
@@ -159,7 +162,7 @@ class HostedService:
         service.log.setLevel(service.log_verbosity)
         self.service, self.transport = service, transport
         if not transport.connect():
-            raise ConfigurationError(f"Service {self.name} cannot reach the broker")
+            raise TransportNotConnectedError(f"Service {self.name} cannot reach the broker")
         self.reporter = StatusReporter(
             transport.broadcast_status,
             host_id(self.service_class.__name__),
@@ -276,12 +279,30 @@ class AppState:
     shutdown_worker: Callable[[], None] | None = None
     command_listener: CommandListener | None = None
 
-    def start_services(self, app: Celery) -> None:
-        """Start one instance of every hosted service in this process."""
+    def start_services(self, app: Celery, *, retry_for_s: float = 0.0) -> None:
+        """Start one instance of every hosted service in this process.
+
+        Args:
+            app: The worker's app.
+            retry_for_s: Seconds to keep trying while the broker cannot be
+                reached (it may be restarting).
+
+        Raises:
+            TransportNotConnectedError: the broker could not be reached in time.
+        """
         logcontext.install()
+        deadline = time.monotonic() + retry_for_s
         for service_class in self.service_classes:
-            host = HostedService(app, service_class, self.dispatcher)
-            host.start()
+            while True:
+                host = HostedService(app, service_class, self.dispatcher)
+                try:
+                    host.start()
+                    break
+                except TransportNotConnectedError as error:
+                    if time.monotonic() >= deadline:
+                        raise
+                    logger.warning("%s; trying again in %.0f s", error, START_RETRY_INTERVAL_S)
+                    time.sleep(START_RETRY_INTERVAL_S)
             self.hosts.append(host)
         if self.hosts and self.command_listener is None:
             self.command_listener = CommandListener(app, self)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -73,6 +74,9 @@ DELIVERY_LIMIT_OPTION = click.Option(
         f"{DEFAULT_DELIVERY_LIMIT})."
     ),
 )
+
+#: Seconds of ``worker_proc_alive_timeout`` left to a child after its services' start.
+CHILD_START_MARGIN_S = 5.0
 
 #: Apps whose workers start services in each forked child.
 _forking_apps: list[Celery] = []
@@ -337,7 +341,18 @@ def install_worker_support(app: Celery) -> None:
 @worker_process_init.connect
 def _start_services_in_child(**_: Any) -> None:
     for app in _forking_apps:
-        state_for(app).start_services(app)
+        # Celery gives a new child worker_proc_alive_timeout to start.
+        retry_for_s = max(float(app.conf.worker_proc_alive_timeout) - CHILD_START_MARGIN_S, 0.0)
+        try:
+            state_for(app).start_services(app, retry_for_s=retry_for_s)
+        except Exception:
+            # Celery would log this and give the child tasks anyway, which it
+            # could not run without its services. The pool starts another child.
+            logger.critical("Could not start the services of this worker process", exc_info=True)
+            # Not at once, so that a service that always fails to start does not
+            # make the pool replace its children as fast as it can.
+            time.sleep(CHILD_START_MARGIN_S / 5)
+            os._exit(1)
 
 
 @worker_process_shutdown.connect
