@@ -44,22 +44,37 @@ def shutdown_command(target: str, worker: str | None = None) -> dict[str, Any]:
     return message
 
 
+def names_instance(
+    command: Mapping[str, Any], host: str | None, service_class: str, worker: str | None
+) -> bool:
+    """Tell whether a shutdown command names one instance, as workflows' frontend matches them.
+
+    With ``host`` and ``service`` both given, both must match; with neither,
+    the command names nothing.
+    """
+    if command.get("command") != "shutdown":
+        return False
+    wanted_host, wanted_service = command.get("host"), command.get("service")
+    if wanted_host is None and wanted_service is None:
+        return False
+    if command.get(WORKER_FIELD) not in (None, worker):
+        return False
+    return wanted_host in (None, host) and wanted_service in (None, service_class)
+
+
 def matching_hosts(
     hosts: list[HostedService], command: Mapping[str, Any], worker: str | None
 ) -> list[HostedService]:
-    """Return the services a shutdown command names, as workflows' frontend matches them."""
-    if command.get("command") != "shutdown":
-        return []
-    host, service = command.get("host"), command.get("service")
-    if host is None and service is None:
-        return []
-    if command.get(WORKER_FIELD) not in (None, worker):
-        return []
+    """Return the hosted services a shutdown command names."""
     return [
         hosted
         for hosted in hosts
-        if (host is None or (hosted.reporter is not None and hosted.reporter.host == host))
-        and (service is None or hosted.service_class.__name__ == service)
+        if names_instance(
+            command,
+            hosted.reporter.host if hosted.reporter is not None else None,
+            hosted.service_class.__name__,
+            worker,
+        )
     ]
 
 

@@ -33,7 +33,7 @@ from workflows_celery.constants import (
     SETTING_DELIVERY_LIMIT,
     SETTING_SERVICES,
 )
-from workflows_celery.control import WORKER_FIELD, warm_shutdown
+from workflows_celery.control import names_instance, warm_shutdown
 from workflows_celery.deadletter import dead_letter_raw
 from workflows_celery.errors import ServiceNotFoundError
 from workflows_celery.hosting import state_for
@@ -254,14 +254,9 @@ class WorkerHeartbeat(bootsteps.StartStopStep):
 
     def _on_command(self, header: Any, message: Any) -> None:
         reporter = self._reporter
-        if not isinstance(message, dict) or reporter is None or message.get("command") != "shutdown":
+        if not isinstance(message, dict) or reporter is None:
             return
-        if message.get(WORKER_FIELD) not in (None, self._worker_name):
-            return
-        host, service = message.get("host"), message.get("service")
-        if host is None and service is None:
-            return
-        if host in (None, reporter.host) and service in (None, WORKER_SERVICE_CLASS):
+        if names_instance(message, reporter.host, WORKER_SERVICE_CLASS, self._worker_name):
             logger.info("Stopping worker %s on command %s", self._worker_name, message)
             warm_shutdown(os.getpid())()
 
