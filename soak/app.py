@@ -2,7 +2,7 @@
 
 The broker comes from ``CELERY_BROKER_URL``. On Redis the visibility timeout
 is short, so the messages of a worker killed with SIGKILL come back within
-seconds; the workers renew the leases of the messages they still hold.
+seconds. Live workers renew the leases of the messages they are working on.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Private Redis and RabbitMQ servers that the soak test may stop and restart.
 
 The soak test restarts its broker in the middle of many runs, so it never uses
-a shared server: each broker here is a new server process on a free port of
+a shared server. Each broker here is a new server process on a free port of
 127.0.0.1, keeping its data in a folder of its own. Both keep queued messages
-on disk, so a restart loses nothing that the broker had accepted: Redis writes
-every command to its append-only file before it answers, and RabbitMQ keeps
+on disk, so a restart loses nothing that the broker had accepted. Redis writes
+every command to its append-only file before it replies, and RabbitMQ keeps
 persistent messages of durable queues.
 """
 
@@ -93,7 +93,7 @@ class PrivateBroker:
         raise NotImplementedError
 
     def command(self) -> list[str]:
-        """The command line that starts the server in the foreground."""
+        """Return the command line that starts the server in the foreground."""
         raise NotImplementedError
 
     def environment(self) -> dict[str, str]:
@@ -101,7 +101,7 @@ class PrivateBroker:
         return dict(os.environ)
 
     def server_pid(self) -> int:
-        """The PID of the server process itself, which may be a descendant of the one started."""
+        """Return the PID of the server process, which may be a descendant of the one started."""
         assert self.process is not None
         return self.process.pid
 
@@ -164,7 +164,7 @@ class PrivateBroker:
 
 
 class PrivateRedis(PrivateBroker):
-    """A Redis server writing every command to its append-only file before it answers."""
+    """A Redis server that writes every command to its append-only file before it replies."""
 
     kind = "redis"
 

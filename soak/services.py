@@ -26,12 +26,12 @@ SPLIT_QUEUE = "soak.split"
 FINISH_QUEUE = "soak.finish"
 #: Environment variable naming the folder of the record files.
 RECORDS_VARIABLE = "WORKFLOWS_CELERY_SOAK_RECORDS"
-#: Longest pause of a step, in seconds, so that kills land in the middle of steps.
+#: Maximum pause of a step, in seconds, so that kills land in the middle of steps.
 MAX_WORK_S = 0.02
 
 
 def soak_recipe(run: int) -> dict[str, Any]:
-    """The recipe of soak run ``run``: one split step and two finish steps."""
+    """Return the recipe of soak run ``run``: one split step and two finish steps."""
     return {
         "1": {"service": "Soak split", "queue": SPLIT_QUEUE, "output": [2, 3]},
         "2": {"service": "Soak finish", "queue": FINISH_QUEUE, "parameters": {"leaf": "a"}},

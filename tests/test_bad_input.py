@@ -196,7 +196,8 @@ def recipe_reader(queue: str, seen: Recorder, *, allow_non_recipe: bool = False)
 def assert_dead_lettered_as_not_a_recipe(app: Celery, queue: str) -> None:
     (letter,) = read_dead_letters(app, queue)
     error = letter.headers["x-workflows-error"]["error"]
-    assert "carries no recipe" in error and "allow_non_recipe_messages" in error, error
+    assert "carries no recipe" in error, error
+    assert "allow_non_recipe_messages" in error, error
     assert letter.headers["x-death"][0]["reason"] == "rejected"
     assert letter.headers["x-death"][0]["queue"] == queue
     # At once: the first delivery, not the last of five.
@@ -205,7 +206,7 @@ def assert_dead_lettered_as_not_a_recipe(app: Celery, queue: str) -> None:
     assert kwargs["message"] == {"plain": True}
 
 
-def test_non_recipe_message_on_recipe_queue_dead_lettered_at_once(app: Celery, unique: str) -> None:
+def test_non_recipe_message_dead_lettered_at_once(app: Celery, unique: str) -> None:
     queue = f"test.bad.{unique}.norecipe"
     seen = Recorder()
     try:
@@ -271,8 +272,10 @@ def test_message_over_size_limit_refused_at_sender(app: Celery, unique: str) -> 
         with pytest.raises(MessageTooLargeError) as raised:
             sender.send(queue, {"data": "x" * 2000})
         text = str(raised.value)
-        assert queue in text and "over the limit of 1000 bytes" in text
-        assert SETTING_MAX_MESSAGE_BYTES in text and "path of a file" in text
+        assert queue in text
+        assert "over the limit of 1000 bytes" in text
+        assert SETTING_MAX_MESSAGE_BYTES in text
+        assert "path of a file" in text
 
         transaction = sender.transaction_begin()
         with pytest.raises(MessageTooLargeError):

@@ -240,8 +240,8 @@ def test_list_unreachable_broker_is_error() -> None:
 def rabbitmq_dead_lettering(queue: str) -> Iterator[None]:
     """Let RabbitMQ itself dead-letter the messages of ``queue`` to ``dlq.<queue>``.
 
-    A policy does it, as Zocalo configures RabbitMQ, because queue arguments
-    would clash with the plain durable queue that senders declare.
+    A policy does it, because queue arguments would clash with the plain
+    durable queue that senders declare.
     """
     name = f"workflows-celery-test-{queue}"
     definition = json.dumps(
@@ -293,7 +293,8 @@ def test_rabbitmq_dead_letter_read_and_reinjected(amqp_url: str, unique: str) ->
 
             shown = dlq_command(amqp_url, "show", queue)
             assert shown.returncode == 0, shown.stderr
-            assert "rejected" in shown.stdout and queue in shown.stdout
+            assert "rejected" in shown.stdout
+            assert queue in shown.stdout
 
             reinjected = dlq_command(amqp_url, "reinject", queue)
             assert reinjected.returncode == 0, reinjected.stderr

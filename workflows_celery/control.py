@@ -120,7 +120,7 @@ class CommandListener:
                 shutdown()
             return
         # The worker would go on taking the stopped services' messages and,
-        # with nobody here to read them, send them round to the dead-letter queue.
+        # with no service here to read them, send them round to the dead-letter queue.
         unread = [d for d in before - set(state.dispatcher.destinations()) if not d.is_topic]
         worker = state.worker_fields.get("worker")
         for destination in unread:

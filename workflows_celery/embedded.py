@@ -78,7 +78,7 @@ class _EmbeddedConsumer(WorkflowsConsumer):
         if self.loop is loops.synloop:
             args[1] = _ShortDrainConnection(args[1])
         elif self.hub is not None and not getattr(self, "_wakes", False):
-            # On Redis and RabbitMQ the event loop waits for its next timer,
+            # On Redis and RabbitMQ the event loop sleeps until its next timer,
             # up to about 10 s when idle, before it sees the shutdown flag.
             self.hub.call_repeatedly(EMBEDDED_WAIT_S, _wake_up)
             self._wakes = True

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 #: Seconds between two attempts to start a service while the broker is unreachable.
 START_RETRY_INTERVAL_S = 1.0
 
-# What became of a step message, as the step task returns it for Celery's log.
+# Outcomes of a step message, which the step task returns for Celery's log.
 OUTCOME_PROCESSED = "processed"
 OUTCOME_PUBLISHED_AGAIN = "published again"
 OUTCOME_DEAD_LETTERED = "dead-lettered"

@@ -1,9 +1,8 @@
 """Listing queues through RabbitMQ's management HTTP API.
 
-AMQP has no way to list queues, so ``workflows-celery dlq list`` asks the
-management plugin (``rabbitmq_management``), as Zocalo's own tools do. Its
-address defaults to port 15672 of the broker's host, with the broker's user and
-password.
+AMQP has no way to list queues, so ``workflows-celery dlq list`` sends a request
+to the management plugin (``rabbitmq_management``). Its address defaults to
+port 15672 of the broker's host, with the broker's user and password.
 """
 
 from __future__ import annotations
@@ -64,7 +63,7 @@ def queue_names(broker_url: str, management_url: str | None = None) -> list[str]
             queues: Any = json.load(response)
     except urllib.error.HTTPError as error:
         raise ConfigurationError(
-            f"The RabbitMQ management API at {base} refused to list the queues of "
+            f"The RabbitMQ management API at {base} rejected the request to list the queues of "
             f"{mask_url(broker_url)} (HTTP {error.code} {error.reason}); check that the "
             "broker URL's user may use the management API, or name the queues to check"
         ) from error

@@ -69,7 +69,7 @@ SIGNAL_PREFIX = "workflows.signal."
 SIGNALS_KEPT = 10
 
 #: Milliseconds after which an unread signal list is deleted. A token older
-#: than :data:`WAIT_S` wakes nobody, and reply queues come and go.
+#: than :data:`WAIT_S` wakes no consumer, and reply queues come and go.
 SIGNAL_TTL_MS = 60_000
 
 #: Prefix of in-flight lists (``<prefix><consumer>:<queue key>``) and of
@@ -258,6 +258,7 @@ class Channel(redis.Channel):
         delivery = properties["delivery_info"]
         tag = properties["delivery_tag"]
         record = dumps([payload, delivery["exchange"], delivery["routing_key"]])
+
         with self.conn_or_acquire() as client:
             kept = client.eval(
                 _RECORD,
@@ -275,6 +276,7 @@ class Channel(redis.Channel):
                 "Message %s was given back to its queue while this consumer was busy", tag
             )
             raise Empty()
+
         queue = key.rsplit(self.sep, 1)[0]
         self._queue_cycle.rotate(queue)
         self.recorded_tag = tag
