@@ -1,8 +1,10 @@
-"""The Redis transport's in-flight lists: a message taken by a consumer that dies
-before recording it goes back to its queue, and one taken by a live consumer stays."""
+"""The Redis transport: a taken message is recorded as unacknowledged in the same
+script, so a consumer that dies right after taking it loses nothing."""
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -11,15 +13,22 @@ from celery import Celery
 from helpers import Recorder, delete_queues, wait_for
 
 from workflows_celery import CeleryTransport, create_app
-from workflows_celery.redis_transport import IN_FLIGHT_PREFIX, TRANSPORT_NAME, Channel
+from workflows_celery.redis_transport import (
+    _TAKE,
+    TRANSPORT_NAME,
+    UNREADABLE_PREFIX,
+    Channel,
+    signal_key,
+)
 
-#: A consumer id that no live consumer has.
-GONE_CONSUMER = "0" * 32
+#: Visibility timeout of the app whose lost messages come back in the test, in seconds.
+SHORT_VISIBILITY_S = 1.0
 
 
 @pytest.fixture
 def app(redis_url: str) -> Iterator[Celery]:
     created = create_app(redis_url, main="tests.redis_transport")
+    created.conf.broker_transport_options = {"visibility_timeout": SHORT_VISIBILITY_S}
     yield created
     created.close()
 
@@ -31,11 +40,13 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
     created.close()
 
 
-def take_as(client: redis.Redis, consumer: str, queue: str) -> str:
-    """Move the next message of ``queue`` to ``consumer``'s in-flight list, as a consumer does."""
-    key = f"{IN_FLIGHT_PREFIX}{consumer}:{queue}"
-    assert client.lmove(queue, key, "RIGHT", "LEFT") is not None
-    return key
+def take_as_dying_consumer(client: redis.Redis, channel: Channel, queue: str) -> str:
+    """Take the next message of ``queue`` as a consumer does, and never ack it; return its tag."""
+    reply = client.eval(
+        _TAKE, 3, channel.unacked_index_key, channel.unacked_key, queue, time.time(), UNREADABLE_PREFIX
+    )
+    assert reply is not None
+    return str(json.loads(reply[1])["properties"]["delivery_tag"])
 
 
 def test_redis_apps_use_this_transport(app: Celery) -> None:
@@ -44,47 +55,76 @@ def test_redis_apps_use_this_transport(app: Celery) -> None:
         assert isinstance(connection.default_channel, Channel)
 
 
-def test_message_of_lost_consumer_goes_back(app: Celery, client: redis.Redis, unique: str) -> None:
-    queue = f"test.inflight.{unique}"
+def test_taken_message_is_recorded_unacked(app: Celery, client: redis.Redis, unique: str) -> None:
+    queue = f"test.take.{unique}"
     CeleryTransport(app).send(queue, {"n": 1})
-    key = take_as(client, GONE_CONSUMER, queue)
-    assert client.llen(queue) == 0
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        tag = take_as_dying_consumer(client, channel, queue)
+        try:
+            assert client.llen(queue) == 0
+            assert client.zscore(channel.unacked_index_key, tag) is not None
+            record = json.loads(client.hget(channel.unacked_key, tag))
+            assert record[2] == queue
+            assert record[0]["properties"]["delivery_tag"] == tag
+        finally:
+            client.zrem(channel.unacked_index_key, tag)
+            client.hdel(channel.unacked_key, tag)
+            delete_queues(app, [queue])
+
+
+def test_message_of_dead_consumer_comes_back(app: Celery, client: redis.Redis, unique: str) -> None:
+    queue = f"test.take.{unique}.dead"
+    CeleryTransport(app).send(queue, {"n": 2})
     receiver = CeleryTransport(app)
     seen = Recorder()
     try:
         with app.connection_for_write() as connection:
-            assert connection.default_channel.recover_in_flight() >= 1
+            channel = connection.default_channel
+            take_as_dying_consumer(client, channel, queue)
+            time.sleep(SHORT_VISIBILITY_S + 0.2)
+            channel.qos.restore_visible(num=1000)
         assert client.llen(queue) == 1
-        assert not client.exists(key)
 
         receiver.subscribe(queue, seen)
-        assert wait_for(lambda: seen.messages == [{"n": 1}])
+        assert wait_for(lambda: seen.messages == [{"n": 2}])
     finally:
         receiver.disconnect()
-        client.delete(key)
         delete_queues(app, [queue])
 
 
-def test_message_of_live_consumer_stays(app: Celery, client: redis.Redis, unique: str) -> None:
-    queue = f"test.inflight.{unique}.live"
-    consumer = unique.ljust(32, "0")
-    CeleryTransport(app).send(queue, {"n": 2})
-    key = take_as(client, consumer, queue)
-    client.set(f"{IN_FLIGHT_PREFIX}{consumer}", b"1", px=60_000)
+def test_unreadable_message_is_kept(app: Celery, client: redis.Redis, unique: str) -> None:
+    queue = f"test.take.{unique}.unreadable"
+    unreadable = f"{UNREADABLE_PREFIX}{queue}"
+    receiver = CeleryTransport(app)
+    seen = Recorder()
     try:
-        with app.connection_for_write() as connection:
-            connection.default_channel.recover_in_flight()
-        assert client.llen(key) == 1
-        assert client.llen(queue) == 0
+        client.lpush(queue, b"not a kombu message")
+        CeleryTransport(app).send(queue, {"n": 3})
+        receiver.subscribe(queue, seen)
+
+        assert wait_for(lambda: seen.messages == [{"n": 3}])
+        assert client.lrange(unreadable, 0, -1) == [b"not a kombu message"]
     finally:
-        client.delete(key, f"{IN_FLIGHT_PREFIX}{consumer}")
+        receiver.disconnect()
+        client.delete(unreadable)
         delete_queues(app, [queue])
 
 
-def test_consumed_messages_leave_no_in_flight_list(
-    app: Celery, client: redis.Redis, unique: str
-) -> None:
-    queue = f"test.inflight.{unique}.consumed"
+def test_publish_pushes_a_signal(app: Celery, client: redis.Redis, unique: str) -> None:
+    queue = f"test.take.{unique}.signal"
+    try:
+        CeleryTransport(app).send(queue, {"n": 4})
+        assert client.llen(queue) == 1
+        assert client.llen(signal_key(queue)) == 1
+        assert 0 < client.pttl(signal_key(queue)) <= 60_000
+    finally:
+        client.delete(signal_key(queue))
+        delete_queues(app, [queue])
+
+
+def test_acked_messages_leave_no_record(app: Celery, client: redis.Redis, unique: str) -> None:
+    queue = f"test.take.{unique}.acked"
     receiver = CeleryTransport(app)
     seen = Recorder()
 
@@ -98,7 +138,11 @@ def test_consumed_messages_leave_no_in_flight_list(
         for n in range(20):
             sender.send(queue, n)
         assert wait_for(lambda: sorted(seen.messages) == list(range(20)))
-        assert list(client.scan_iter(match=f"{IN_FLIGHT_PREFIX}*:{queue}")) == []
+        with app.connection_for_write() as connection:
+            unacked_key = connection.default_channel.unacked_key
+        assert wait_for(
+            lambda: not any(queue.encode() in record for record in client.hvals(unacked_key))
+        )
     finally:
         receiver.disconnect()
         delete_queues(app, [queue])

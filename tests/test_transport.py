@@ -28,6 +28,7 @@ from helpers import (
 from workflows_celery import create_app, routing
 from workflows_celery.constants import EMBEDDED_BROKER_URL, STATUS_TOPIC
 from workflows_celery.errors import InvalidSendOptionError, MessageEncodeError
+from workflows_celery.messages import ARGUMENTS_SUMMARY_CHARS, Destination, OutgoingMessage
 from workflows_celery.transport import CeleryTransport
 
 logger = logging.getLogger(__name__)
@@ -727,3 +728,18 @@ def test_namespaces_keep_broadcasts_apart(broker_url: str, unique: str) -> None:
             transport.disconnect()
         for app in apps.values():
             app.close()
+
+
+def test_arguments_summary_is_short_and_names_run() -> None:
+    recipe = {str(n): {"service": "Step", "queue": f"q{n}", "output": [n + 1]} for n in range(1, 200)}
+    outgoing = OutgoingMessage(
+        Destination("images"),
+        {"recipe": recipe, "recipe-pointer": 2, "environment": {"ID": "run-7"}, "payload": {"image": "x" * 5000}},
+        headers={"workflows-recipe": True},
+    )
+
+    summary = outgoing.arguments_summary()
+
+    assert len(summary) <= ARGUMENTS_SUMMARY_CHARS
+    assert summary.startswith("{'queue': 'images', 'run': 'run-7', 'recipe-pointer': 2, 'payload': {'image': 'xxx")
+    assert "Step" not in summary

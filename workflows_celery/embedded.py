@@ -7,6 +7,7 @@ run's end is known exactly: it ends when no message is in flight.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -166,6 +167,9 @@ class FlightTracker:
     def _on_publish(
         self, sender: Any = None, body: Any = None, routing_key: Any = None, **_: Any
     ) -> None:
+        if isinstance(body, (str, bytes)):
+            # Step messages are published with their body encoded to JSON already.
+            body = json.loads(body)
         kwargs = body[1] if isinstance(body, (list, tuple)) and len(body) > 1 else {}
         if not isinstance(kwargs, dict):
             return

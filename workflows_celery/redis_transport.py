@@ -5,20 +5,17 @@ Taking messages
     it as unacknowledged, in a second command. A consumer killed between the
     two, or a connection lost between them (a Redis restart does exactly that),
     loses the message: Redis has already removed it, and it is recorded
-    nowhere. Here a consumer moves the message, in one Lua script, to an
-    in-flight list of its own, and records it as unacknowledged in a second
-    script that also removes it from that list. An in-flight list whose owner
-    stopped renewing its liveness key is pushed back to its queue by any other
-    consumer. A message is therefore always in its queue, in an in-flight list
-    or among the unacknowledged messages, and the last of these come back
-    after the visibility timeout as in kombu.
+    nowhere. Here one Lua script takes the message and records it as
+    unacknowledged, so a message is always either in its queue or among the
+    unacknowledged messages, which come back after the visibility timeout as
+    in kombu. It also saves kombu's second round trip.
 
     Every poll first takes the first waiting message of any queue, in priority
     order, without blocking. When there is none, the consumer blocks on signal
     lists, one per queue, to which senders push a token with each message (in
-    the same transaction when publishing together), then looks again. A
-    message without a signal, from a sender that does not use this transport,
-    is found within :data:`WAIT_S`.
+    the same round trip, and in the same transaction when publishing
+    together), then looks again. A message without a signal, from a sender
+    that does not use this transport, is found within :data:`WAIT_S`.
 
 Publishing together
     Messages published inside :func:`publishing_together` are sent in one
@@ -31,6 +28,7 @@ key prefix, consumers take messages as kombu does, with a warning.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -42,6 +40,7 @@ from typing import Any
 from queue import Empty
 
 import kombu.transport
+from redis.exceptions import NoScriptError
 from kombu.transport import redis, virtual
 from kombu.utils.json import dumps, loads
 
@@ -72,51 +71,39 @@ SIGNALS_KEPT = 10
 #: than :data:`WAIT_S` wakes no consumer, and reply queues come and go.
 SIGNAL_TTL_MS = 60_000
 
-#: Prefix of in-flight lists (``<prefix><consumer>:<queue key>``) and of
-#: liveness keys (``<prefix><consumer>``).
-IN_FLIGHT_PREFIX = "workflows.inflight."
+#: Prefix of the lists that keep messages a consumer took but could not read
+#: (not kombu's JSON envelope): ``<prefix><queue key>``.
+UNREADABLE_PREFIX = "workflows.unreadable."
 
-# Takes the first waiting message of KEYS (queue keys in priority order) and
-# moves it to the in-flight list ARGV[1] .. ':' .. key; returns {key, message}.
+# Takes the first waiting message of the queue keys KEYS[3..], in priority
+# order. It records the message as unacknowledged in the index KEYS[1] and the
+# hash KEYS[2] as kombu's QoS.append does, with the score ARGV[1] (the time)
+# and the record [message, exchange, routing key], the message text unchanged.
+# Returns {key, message}. A message that is not kombu's JSON envelope goes to
+# the list ARGV[2] .. key instead of being lost, and {key, false} is returned.
 _TAKE = """
-for i, key in ipairs(KEYS) do
-    local message = redis.call('RPOP', key)
+for i = 3, #KEYS do
+    local message = redis.call('RPOP', KEYS[i])
     if message then
-        redis.call('LPUSH', ARGV[1] .. ':' .. key, message)
-        return {key, message}
+        local ok, tag, record = pcall(function()
+            local properties = cjson.decode(message)['properties']
+            local delivery = properties['delivery_info']
+            return properties['delivery_tag'], '[' .. message .. ',' ..
+                cjson.encode(delivery['exchange']) .. ',' ..
+                cjson.encode(delivery['routing_key']) .. ']'
+        end)
+        if not ok or type(tag) ~= 'string' then
+            redis.call('LPUSH', ARGV[2] .. KEYS[i], message)
+            return {KEYS[i], false}
+        end
+        redis.call('ZADD', KEYS[1], ARGV[1], tag)
+        redis.call('HSET', KEYS[2], tag, record)
+        return {KEYS[i], message}
     end
 end
 return false
 """
-
-# Records a taken message as unacknowledged, unless a recovery already gave it
-# back to its queue. KEYS: in-flight list, unacked index, unacked hash.
-# ARGV: message, delivery tag, time, unacked record.
-_RECORD = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
-    redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
-    redis.call('HSET', KEYS[3], ARGV[2], ARGV[4])
-    return 1
-end
-return 0
-"""
-
-# Gives the messages of an in-flight list back to its queue when the list's
-# owner is gone. KEYS: in-flight list, liveness key, queue key.
-_RECOVER = """
-if redis.call('EXISTS', KEYS[2]) == 1 then
-    return 0
-end
-local moved = 0
-while true do
-    local message = redis.call('RPOP', KEYS[1])
-    if not message then
-        return moved
-    end
-    redis.call('RPUSH', KEYS[3], message)
-    moved = moved + 1
-end
-"""
+_TAKE_SHA = hashlib.sha1(_TAKE.encode()).hexdigest()
 
 
 def signal_key(queue: str) -> str:
@@ -125,8 +112,7 @@ def signal_key(queue: str) -> str:
 
 
 class QoS(redis.QoS):
-    """Skips the second write for messages already recorded by :data:`_RECORD`,
-    and gives back in-flight lists of consumers that are gone."""
+    """Skips kombu's second write for messages that :data:`_TAKE` recorded already."""
 
     def append(self, message: Any, delivery_tag: Any) -> None:
         if self.channel.recorded_tag == delivery_tag:
@@ -135,10 +121,6 @@ class QoS(redis.QoS):
             virtual.QoS.append(self, message, delivery_tag)
             return
         super().append(message, delivery_tag)
-
-    def restore_visible(self, *args: Any, **kwargs: Any) -> None:
-        super().restore_visible(*args, **kwargs)
-        self.channel.recover_in_flight()
 
 
 class Channel(redis.Channel):
@@ -149,26 +131,16 @@ class Channel(redis.Channel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._together = threading.local()
         self.recorded_tag: Any = None
-        self.consumer_id = uuid.uuid4().hex
         self._waiting = False
-        self._alive_until = 0.0
+        self._script_loaded = False
         self._safe: bool | None = None
         super().__init__(*args, **kwargs)
 
     # -- Taking messages ------------------------------------------------------------
 
-    @property
-    def liveness_key(self) -> str:
-        """Key that exists while this consumer may still record its in-flight messages."""
-        return f"{IN_FLIGHT_PREFIX}{self.consumer_id}"
-
-    def in_flight_key(self, queue_key: str) -> str:
-        """This consumer's in-flight list for messages taken off ``queue_key``."""
-        return f"{self.liveness_key}:{queue_key}"
-
     def _takes_safely(self) -> bool:
         if self._safe is None:
-            # NOTE: key prefixes are not applied to the scripts' keys, so with a
+            # NOTE: key prefixes are not applied to the script's keys, so with a
             # global prefix messages are taken as kombu takes them.
             self._safe = not self.global_keyprefix
             if not self._safe:
@@ -178,15 +150,6 @@ class Channel(redis.Channel):
                 )
         return self._safe
 
-    def _keep_alive(self) -> None:
-        now = time.monotonic()
-        if now < self._alive_until:
-            return
-        ttl_s = max(float(self.visibility_timeout), 1.0)
-        with self.conn_or_acquire() as client:
-            client.set(self.liveness_key, b"1", px=int(ttl_s * 1000))
-        self._alive_until = now + ttl_s / 4
-
     def _brpop_start(self, timeout: Any = None) -> None:
         if not self._takes_safely():
             super()._brpop_start(timeout)
@@ -194,7 +157,11 @@ class Channel(redis.Channel):
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
-        self._keep_alive()
+        if not self._script_loaded:
+            # Loaded once per connection (and again after a Redis restart),
+            # so that each poll sends the script's hash, not its text.
+            self.client.script_load(_TAKE)
+            self._script_loaded = True
         self._in_poll = self.client.connection
         # kombu's poller reads these two to watch the pending command.
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]
@@ -202,7 +169,14 @@ class Channel(redis.Channel):
             # Without blocking: the first waiting message of any queue.
             keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
             self.client.connection.send_command(
-                "EVAL", _TAKE, len(keys), *keys, self.liveness_key
+                "EVALSHA",
+                _TAKE_SHA,
+                len(keys) + 2,
+                self.unacked_index_key,
+                self.unacked_key,
+                *keys,
+                time.time(),
+                UNREADABLE_PREFIX,
             )
             return
         # Nothing was waiting: sleep until a sender signals a new message.
@@ -215,12 +189,17 @@ class Channel(redis.Channel):
             return bool(super()._brpop_read(**options))
         waited = self._waiting
         try:
-            command = "BRPOP" if waited else "EVAL"
+            command = "BRPOP" if waited else "EVALSHA"
             try:
                 reply = self.client.parse_response(self.client.connection, command, **options)
             except self.connection_errors:
                 self.client.connection.disconnect()
+                self._script_loaded = False
                 raise
+            except NoScriptError:
+                # Redis restarted without its scripts: load it again at the next poll.
+                self._script_loaded = False
+                raise Empty() from None
         finally:
             self._in_poll = None  # type: ignore[assignment]
         if waited:
@@ -230,88 +209,58 @@ class Channel(redis.Channel):
         if not reply:
             self._waiting = True
             raise Empty()
-        key, message = (_text(part) for part in reply)
-        return self._record_and_deliver(key, message)
-
-    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
-        super()._put(queue, message, **kwargs)
-        key = signal_key(queue)
-        batch = kwargs.get("_publish_batch")
-        if batch is not None:
-            batch.add("lpush", key, b"1")
-            batch.add("ltrim", key, 0, SIGNALS_KEPT - 1)
-            batch.add("pexpire", key, SIGNAL_TTL_MS)
-            return
-        together = getattr(self._together, "pipeline", None)
-        if together is not None:
-            # Publishing together: the signal goes in the same transaction.
-            _signal(together, key)
-            return
-        with self.conn_or_acquire() as client:
-            with client.pipeline() as pipeline:
-                _signal(pipeline, key)
-                pipeline.execute()
-
-    def _record_and_deliver(self, key: str, message: str) -> bool:
-        payload = loads(message)
-        properties = payload["properties"]
-        delivery = properties["delivery_info"]
-        tag = properties["delivery_tag"]
-        record = dumps([payload, delivery["exchange"], delivery["routing_key"]])
-
-        with self.conn_or_acquire() as client:
-            kept = client.eval(
-                _RECORD,
-                3,
-                self.in_flight_key(key),
-                self.unacked_index_key,
-                self.unacked_key,
-                message,
-                tag,
-                time.time(),
-                record,
-            )
-        if not kept:
-            logger.warning(
-                "Message %s was given back to its queue while this consumer was busy", tag
+        key, message = _text(reply[0]), reply[1]
+        if message is None:
+            logger.error(
+                "A message on Redis list %s is not a kombu message; it was moved to "
+                "the list %s%s for inspection",
+                key,
+                UNREADABLE_PREFIX,
+                key,
             )
             raise Empty()
+        return self._deliver_recorded(key, _text(message))
 
+    def _deliver_recorded(self, key: str, message: str) -> bool:
+        payload = loads(message)
         queue = key.rsplit(self.sep, 1)[0]
         self._queue_cycle.rotate(queue)
-        self.recorded_tag = tag
+        self.recorded_tag = payload["properties"]["delivery_tag"]
         try:
             self.connection._deliver(payload, queue)
         finally:
             self.recorded_tag = None
         return True
 
-    def recover_in_flight(self) -> int:
-        """Give the in-flight messages of consumers that are gone back to their queues."""
-        if not self._takes_safely():
-            return 0
-        moved = 0
-        with self.conn_or_acquire() as client:
-            for raw_key in client.scan_iter(match=f"{IN_FLIGHT_PREFIX}*:*", count=100):
-                key = _text(raw_key)
-                owner, _, queue_key = key.partition(":")
-                moved += int(client.eval(_RECOVER, 3, key, owner, queue_key) or 0)
-        if moved:
-            logger.warning(
-                "Gave %d messages taken by a consumer that is gone back to their queues",
-                moved,
-            )
-        return moved
+    # -- Publishing -----------------------------------------------------------------
 
-    def close(self) -> None:
-        if self._safe:
-            try:
-                with self.conn_or_acquire() as client:
-                    client.delete(self.liveness_key)
-            except self.connection_errors:
-                # The key expires by itself; other consumers then recover the list.
-                logger.debug("Could not delete liveness key %s", self.liveness_key)
-        super().close()
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        body = dumps(message)
+        batch = kwargs.pop("_publish_batch", None)
+        if batch is not None:
+            self._queue_put(_BatchCommands(batch), queue, key, body)
+            return
+        with self.conn_or_acquire() as client:
+            if getattr(self._together, "pipeline", None) is not None:
+                # Publishing together: ``client`` is the open transaction.
+                self._queue_put(client, queue, key, body)
+                return
+            # The message and its signal in one round trip.
+            with client.pipeline(transaction=False) as pipeline:
+                self._queue_put(pipeline, queue, key, body)
+                pipeline.execute()
+
+    def _queue_put(self, pipeline: Any, queue: str, key: str, body: str) -> None:
+        """Queue on ``pipeline`` the commands that store one message and signal it."""
+        pipeline.lpush(key, body)
+        if self._expires and queue in self._expires:
+            for priority in self.priority_steps:
+                pipeline.pexpire(self._q_for_pri(queue, priority), self._expires[queue])
+        signal = signal_key(queue)
+        pipeline.lpush(signal, b"1")
+        pipeline.ltrim(signal, 0, SIGNALS_KEPT - 1)
+        pipeline.pexpire(signal, SIGNAL_TTL_MS)
 
     # -- Publishing together ---------------------------------------------------------
 
@@ -344,9 +293,14 @@ class Channel(redis.Channel):
             pipeline.execute()
 
 
-def _signal(pipeline: Any, key: str) -> None:
-    """Queue the commands that push one token to the signal list ``key``."""
-    pipeline.lpush(key, b"1").ltrim(key, 0, SIGNALS_KEPT - 1).pexpire(key, SIGNAL_TTL_MS)
+class _BatchCommands:
+    """kombu's publish batch, with the Redis command methods of a pipeline."""
+
+    def __init__(self, batch: Any) -> None:
+        self._batch = batch
+
+    def __getattr__(self, command: str) -> Any:
+        return lambda *args: self._batch.add(command, *args)
 
 
 def _text(value: Any) -> str:

@@ -37,6 +37,7 @@ a subscription made later) a background thread consumes them.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import threading
@@ -73,12 +74,16 @@ from workflows_celery.listener import Listener
 from workflows_celery.messages import (
     Destination,
     OutgoingMessage,
+    PreparedMessage,
     callback_header,
     check_seconds,
 )
 from workflows_celery.redaction import mask_url
 
 logger = logging.getLogger(__name__)
+
+#: Content type of the step task messages, the only one workers accept.
+JSON_CONTENT_TYPE = "application/json"
 
 
 @dataclass
@@ -332,9 +337,9 @@ class CeleryTransport(CommonTransport):
             expiration_s=check_seconds("expiration", expiration),
             exchange=exchange,
         )
-        # Checked now, also in a transaction, so that the sender gets the error
+        # Encoded now, also in a transaction, so that the sender gets any error
         # at the send and not at the commit.
-        _check_message(outgoing, max_message_bytes(self.app))
+        prepare_message(self.app, outgoing, max_message_bytes(self.app))
         if transaction is not None:
             self._transaction(transaction).sends.append(outgoing)
             return
@@ -720,34 +725,73 @@ def max_message_bytes(app: Celery) -> int:
     return DEFAULT_MAX_MESSAGE_BYTES if value is None else max(int(value), 0)
 
 
-def _check_message(outgoing: OutgoingMessage, limit: int) -> None:
-    """Check that a message can be sent: JSON serialisable, and not over ``limit`` bytes."""
-    # kombu's encoder, as used by the JSON serialiser when publishing, so the
-    # same values (Decimal, datetime, UUID) pass here as there.
+def prepare_message(app: Celery, outgoing: OutgoingMessage, limit: int = 0) -> PreparedMessage:
+    """Build the step task message of ``outgoing`` and encode its body to JSON, once.
+
+    The result is returned and kept on ``outgoing.prepared``, which is
+    published as it is, so each send is encoded once. A service's send learns
+    at once, also inside a transaction, that its message cannot be encoded or
+    is too large.
+
+    Args:
+        app: The app that publishes the message.
+        outgoing: The message.
+        limit: Maximum size of the encoded body in bytes (0: no limit).
+
+    Raises:
+        MessageEncodeError: the message or its headers are not JSON serialisable.
+        MessageTooLargeError: the encoded message is over ``limit`` bytes.
+    """
+    expires = outgoing.expiration_s if outgoing.expiration_s is not None else outgoing.expires_at
+    task_message = app.amqp.create_task_message(
+        outgoing.task_id,
+        STEP_TASK_NAME,
+        (),
+        outgoing.task_kwargs(),
+        countdown=outgoing.delay_s,
+        eta=None if outgoing.delay_s else outgoing.eta,
+        expires=expires,
+        shadow=outgoing.display_name(),
+        ignore_result=True,
+        create_sent_event=False,
+        argsrepr="()",
+        kwargsrepr=outgoing.arguments_summary(),
+        # Every step of a run shares the run ID as its Celery root id, so task
+        # events and flower group a run's steps and find them by run ID.
+        root_id=outgoing.run_id(),
+        parent_id=_current_task_id(),
+    )
+    # kombu's encoder, which the JSON serialiser uses, so that the same values
+    # (Decimal, datetime, UUID) pass here as when kombu encodes.
     try:
-        headers = kombu.utils.json.dumps(outgoing.headers)
+        body = kombu.utils.json.dumps(task_message.body)
     except (TypeError, ValueError) as error:
-        where = _unencodable_part(outgoing.headers, "the headers")
-        raise MessageEncodeError(
-            f"Cannot send to {outgoing.destination}: {where} is not JSON "
-            f"serialisable ({error}); use string keys and JSON values"
-        ) from error
-    try:
-        body = kombu.utils.json.dumps(outgoing.message)
-    except (TypeError, ValueError) as error:
-        where = _unencodable_part(outgoing.message, "the message")
-        raise MessageEncodeError(
-            f"Cannot send to {outgoing.destination}: {where} is not JSON "
-            f"serialisable ({error}); send only dicts, lists, strings, numbers, "
-            "booleans and None"
-        ) from error
-    size = len(headers.encode()) + len(body.encode())
+        raise _encode_error(outgoing, error) from error
+    size = len(body.encode())
     if limit and size > limit:
         raise MessageTooLargeError(
             f"Cannot send to {outgoing.destination}: the message is {size} bytes of "
             f"JSON, over the limit of {limit} bytes; send the path of a file holding "
             f"the data instead, or raise the {SETTING_MAX_MESSAGE_BYTES} setting"
         )
+    outgoing.prepared = PreparedMessage(task_message, body)
+    return outgoing.prepared
+
+
+def _encode_error(outgoing: OutgoingMessage, error: Exception) -> MessageEncodeError:
+    """Return the error that names the value of ``outgoing`` that JSON cannot encode."""
+    if not _encodes(outgoing.headers):
+        where = _unencodable_part(outgoing.headers, "the headers")
+        return MessageEncodeError(
+            f"Cannot send to {outgoing.destination}: {where} is not JSON "
+            f"serialisable ({error}); use string keys and JSON values"
+        )
+    where = _unencodable_part(outgoing.message, "the message")
+    return MessageEncodeError(
+        f"Cannot send to {outgoing.destination}: {where} is not JSON "
+        f"serialisable ({error}); send only dicts, lists, strings, numbers, "
+        "booleans and None"
+    )
 
 
 def _unencodable_part(value: Any, path: str) -> str:
@@ -879,29 +923,16 @@ def _publish_one(
     app: Celery, producer: Any, outgoing: OutgoingMessage, queue: str | None, *, retry: bool
 ) -> None:
     """Publish one message as a step task message, routed explicitly."""
-    expires = outgoing.expiration_s if outgoing.expiration_s is not None else outgoing.expires_at
-    task_message = app.amqp.create_task_message(
-        outgoing.task_id,
-        STEP_TASK_NAME,
-        (),
-        outgoing.task_kwargs(),
-        countdown=outgoing.delay_s,
-        eta=None if outgoing.delay_s else outgoing.eta,
-        expires=expires,
-        shadow=outgoing.display_name(),
-        ignore_result=True,
-        create_sent_event=False,
-        # Every step of a run shares the run ID as its Celery root id, so task
-        # events and flower group a run's steps and find them by run ID.
-        root_id=outgoing.run_id(),
-        parent_id=_current_task_id(),
-    )
+    prepared = outgoing.prepared or prepare_message(app, outgoing)
     app.amqp.send_task_message(
         producer,
         STEP_TASK_NAME,
-        task_message,
+        prepared.task_message._replace(body=prepared.body),
         retry=retry,
         headers=outgoing.broker_headers or None,
+        # The body is JSON already: kombu publishes it as it is.
+        content_type=JSON_CONTENT_TYPE,
+        content_encoding="utf-8",
         **(route_options(outgoing) if queue is None else {"queue": routing.task_queue(queue)}),
     )
 
@@ -914,6 +945,13 @@ def _current_task_id() -> str | None:
     return str(task_id) if task_id else None
 
 
+# Every send needs the kombu queue or exchange of its destination. Celery and
+# kombu only read them (declaring binds a copy), so one object per name serves
+# every send; workers get fresh ones, because Celery fills in their defaults.
+_sent_queue = functools.lru_cache(maxsize=1024)(routing.task_queue)
+_sent_exchange = functools.lru_cache(maxsize=1024)(routing.topic_exchange)
+
+
 def route_options(outgoing: OutgoingMessage) -> dict[str, Any]:
     """Return the Celery publish options that route a message to its destination.
 
@@ -922,7 +960,7 @@ def route_options(outgoing: OutgoingMessage) -> dict[str, Any]:
     """
     destination = outgoing.destination
     if destination.is_topic:
-        exchange = routing.topic_exchange(destination.name)
+        exchange = _sent_exchange(destination.name)
         return {
             "exchange": exchange,
             "routing_key": destination.name,
@@ -939,7 +977,7 @@ def route_options(outgoing: OutgoingMessage) -> dict[str, Any]:
         }
     if routing.is_temporary_queue(destination.name):
         return {"queue": routing.temporary_queue(destination.name), "declare": []}
-    return {"queue": routing.task_queue(destination.name)}
+    return {"queue": _sent_queue(destination.name)}
 
 
 class _StoreBrokerAction(argparse.Action):
