@@ -57,9 +57,9 @@ WARMUP_TIMEOUT_S = 120.0
 class Settings:
     """Settings of a benchmark run: systems, brokers and sizes."""
 
-    messages: int = 2000
-    latency_runs: int = 200
-    bytes_runs: int = 200
+    messages: int = 5000
+    latency_runs: int = 500
+    bytes_runs: int = 500
     concurrency: int = 2
     #: Celery pool: "prefork" (one worker, ``concurrency`` children) or "solo"
     #: (``concurrency`` workers of one process each).
@@ -312,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folder", type=Path, help="folder for worker logs (default: a new temporary folder)")
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    # pika logs every connection it opens and closes at INFO.
+    logging.getLogger("pika").setLevel(logging.WARNING)
 
     settings = Settings(
         messages=arguments.messages,
