@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -19,17 +20,25 @@ RATIOS = (
 )
 
 
-def ratio(report: Report, broker: str, system: str, baseline: str) -> float | None:
+def ratio(measurements: list[Measurement], broker: str, system: str, baseline: str) -> float | None:
     """Return ``system``'s throughput over ``baseline``'s on ``broker``, if both were measured."""
-    found = {m.system: m for m in report.measurements if m.broker == broker}
+    found = {m.system: m for m in measurements if m.broker == broker}
     if system not in found or baseline not in found:
         return None
     return found[system].messages_per_s / found[baseline].messages_per_s
 
 
+def round_ratios(report: Report, broker: str, system: str, baseline: str) -> list[float]:
+    """Return the ratio of ``system`` to ``baseline`` in each round where both were measured."""
+    ratios = (ratio(measured, broker, system, baseline) for measured in report.rounds)
+    return [value for value in ratios if value is not None]
+
+
 def format_report(report: Report) -> str:
     """Return the report as Markdown."""
     lines = [f"Command: `{report.command}`", ""]
+    if len(report.rounds) > 1:
+        lines += [f"Every figure is the median of {len(report.rounds)} rounds.", ""]
     lines += [f"- {name}: {value}" for name, value in report.machine.items()]
     lines += ["", "| broker | system | messages/s | hop median ms | hop p99 ms | bytes/message | peak worker MB | worker CPU ms/message |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -39,12 +48,16 @@ def format_report(report: Report) -> str:
             f"| {m.hop_p99_ms:.2f} | {m.bytes_per_message:.0f} | {m.peak_memory_mb:.0f} "
             f"| {m.worker_cpu_ms:.2f} |"
         )
-    lines += ["", "| broker | ratio | value |", "|---|---|---:|"]
+    lines += ["", "| broker | ratio of messages/s | median of the rounds | each round |", "|---|---|---:|---|"]
     for broker in sorted({m.broker for m in report.measurements}):
         for system, baseline in RATIOS:
-            value = ratio(report, broker, system, baseline)
-            if value is not None:
-                lines.append(f"| {broker} | {_label(report, system)} / {_label(report, baseline)} | {value:.2f} |")
+            values = round_ratios(report, broker, system, baseline)
+            if values:
+                each = ", ".join(f"{value:.2f}" for value in values)
+                lines.append(
+                    f"| {broker} | {_label(report, system)} / {_label(report, baseline)} "
+                    f"| {statistics.median(values):.2f} | {each} |"
+                )
     lines += ["", _scaling_table(report.measurements)]
     return "\n".join(lines)
 

@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import platform
+import statistics
 import tempfile
 import time
 import uuid
@@ -76,6 +77,8 @@ class Settings:
     scaling_messages: int = 3000
     #: Runs with the large payload.
     large_payload_runs: int = 50
+    #: Times every system is measured, one after the other; figures are medians.
+    rounds: int = 1
     redis_url: str = "redis://127.0.0.1:6379/0"
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672//"
     sink_url: str = probe.DEFAULT_SINK_URL
@@ -108,11 +111,16 @@ class Measurement:
 
 @dataclass
 class Report:
-    """Every measurement of one benchmark run, with where it ran."""
+    """Every measurement of one benchmark run, with where it ran.
+
+    ``measurements`` contains the median of each figure over the rounds, and
+    ``rounds`` every measurement of every round.
+    """
 
     settings: dict[str, Any]
     machine: dict[str, str]
     measurements: list[Measurement] = field(default_factory=list)
+    rounds: list[list[Measurement]] = field(default_factory=list)
     command: str = ""
 
 
@@ -277,18 +285,38 @@ def machine() -> dict[str, str]:
 
 
 def run_benchmark(settings: Settings) -> Report:
-    """Measure every requested system on every requested broker."""
+    """Measure every requested system on every requested broker, ``settings.rounds`` times."""
     folder = settings.folder or Path(tempfile.mkdtemp(prefix="workflows-celery-benchmark-"))
     folder.mkdir(parents=True, exist_ok=True)
     report = Report(settings={k: str(v) for k, v in asdict(settings).items()}, machine=machine())
-    for broker in settings.brokers:
-        for key in settings.systems:
-            system = SYSTEMS[key]
-            if not system.supports(broker):
-                continue
-            logger.info("Measuring %s on %s", system.label, broker)
-            report.measurements.append(measure(settings, system, broker, folder))
+    for number in range(1, settings.rounds + 1):
+        measured: list[Measurement] = []
+        for broker in settings.brokers:
+            for key in settings.systems:
+                system = SYSTEMS[key]
+                if not system.supports(broker):
+                    continue
+                logger.info("Round %d: measuring %s on %s", number, system.label, broker)
+                measured.append(measure(settings, system, broker, folder))
+        report.rounds.append(measured)
+    report.measurements = [median_measurement(list(same)) for same in zip(*report.rounds)]
     return report
+
+
+def median_measurement(rounds: list[Measurement]) -> Measurement:
+    """Return a measurement whose every figure is the median of ``rounds``."""
+    first = rounds[0]
+    figures = {
+        name: statistics.median(getattr(m, name) for m in rounds)
+        for name, value in asdict(first).items()
+        if isinstance(value, (int, float))
+    }
+    scaling = {
+        case: statistics.median(m.scaling_us[case] for m in rounds) for case in first.scaling_us
+    }
+    return Measurement(
+        broker=first.broker, system=first.system, label=first.label, scaling_us=scaling, **figures
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bytes-runs", type=int, default=Settings.bytes_runs, help="runs in the bytes-on-the-wire phase (default %(default)s)")
     parser.add_argument("--scaling-messages", type=int, default=Settings.scaling_messages, help="step executions per fan-out and recipe-size case (default %(default)s)")
     parser.add_argument("--large-payload-runs", type=int, default=Settings.large_payload_runs, help="runs with the 1 MB payload (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=Settings.rounds, help="measure every system this many times, one after the other, and report medians (default %(default)s)")
     parser.add_argument("--concurrency", type=int, default=Settings.concurrency, help="worker processes of each system (default %(default)s)")
     parser.add_argument("--pool", choices=("prefork", "solo"), default=Settings.pool, help="Celery pool: one prefork worker with --concurrency children, or --concurrency solo workers (default %(default)s)")
     parser.add_argument("--broker", action="append", choices=("redis", "rabbitmq"), help="broker to measure on; repeat for both (default both)")
@@ -321,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         bytes_runs=arguments.bytes_runs,
         scaling_messages=arguments.scaling_messages,
         large_payload_runs=arguments.large_payload_runs,
+        rounds=max(arguments.rounds, 1),
         concurrency=arguments.concurrency,
         pool=arguments.pool,
         brokers=tuple(arguments.broker or Settings.brokers),

@@ -59,3 +59,4 @@ def test_tiny_benchmark_measures_every_system(tmp_path: Path) -> None:
     text = format_report(report)
     assert "| rabbitmq | workflows-celery / python-workflows |" in text
     assert "| redis | workflows-celery / Celery chain |" in text
+    assert len(report.rounds) == 1

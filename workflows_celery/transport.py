@@ -947,7 +947,7 @@ def _current_task_id() -> str | None:
 
 # Every send needs the kombu queue or exchange of its destination. Celery and
 # kombu only read them (declaring binds a copy), so one object per name serves
-# every send; workers get fresh ones, because Celery fills in their defaults.
+# every send. Workers get fresh ones, because Celery fills in their defaults.
 _sent_queue = functools.lru_cache(maxsize=1024)(routing.task_queue)
 _sent_exchange = functools.lru_cache(maxsize=1024)(routing.topic_exchange)
 
