@@ -85,7 +85,9 @@ class MemorySampler:
                 return
 
 
-def collect_runs(sink: redis.Redis, key: str, count: int, timeout_s: float) -> list[dict[str, Any]]:
+def collect_runs(
+    sink: redis.Redis, key: str, count: int, timeout_s: float, log_path: Path
+) -> list[dict[str, Any]]:
     """Pop ``count`` finished runs from the sink list ``key``, waiting up to ``timeout_s``.
 
     Raises:
@@ -98,7 +100,7 @@ def collect_runs(sink: redis.Redis, key: str, count: int, timeout_s: float) -> l
         if left_s <= 0:
             raise BenchmarkError(
                 f"only {len(records)} of {count} runs finished within {timeout_s:.0f} s "
-                f"(sink {key}); see the worker logs"
+                f"(sink {key}); see the worker log {log_path}"
             )
         item = sink.blpop([key], timeout=max(min(left_s, 1.0), 0.01))
         if item is not None:

@@ -22,6 +22,8 @@ import redis
 SINK_URL_VARIABLE = "WORKFLOWS_CELERY_BENCH_SINK_URL"
 #: Environment variable naming the queue the benchmark steps read.
 QUEUE_VARIABLE = "WORKFLOWS_CELERY_BENCH_QUEUE"
+#: Seconds a sink list is kept after its last record.
+SINK_TTL_S = 3600
 #: Sink used when the environment names none.
 DEFAULT_SINK_URL = "redis://127.0.0.1:6379/0"
 
@@ -31,10 +33,10 @@ _sink: redis.Redis | None = None
 def new_payload(sink_key: str, run: int, padding_bytes: int) -> dict[str, Any]:
     """Return the payload that starts a run; its first step pads it to ``padding_bytes``.
 
-    The padding is added by the first step, not here: a workflows recipe
-    keeps its start payload in every message of the run, so a padded start
-    payload would travel twice in every message on workflows-celery and
-    python-workflows, and once on Celery.
+    The first step adds the padding, not the sender. A workflows recipe keeps
+    its start payload in every message of the run, so a padded start payload
+    would travel twice in every message on workflows-celery and
+    python-workflows, but once on Celery.
     """
     return {
         "sink": sink_key,
@@ -64,7 +66,11 @@ def stamp_send(payload: dict[str, Any]) -> dict[str, Any]:
 def finish(payload: dict[str, Any]) -> None:
     """Push a finished run to the sink: its hop times and when it finished."""
     record = {"hops": payload["hops"], "finished": time.time(), "run": payload["run"]}
-    sink().rpush(payload["sink"], json.dumps(record))
+    # One round trip; the expiry removes records of runs that finish after the
+    # benchmark stopped reading them.
+    sink().pipeline(transaction=False).rpush(payload["sink"], json.dumps(record)).expire(
+        payload["sink"], SINK_TTL_S
+    ).execute()
 
 
 def sink() -> redis.Redis:

@@ -36,11 +36,16 @@ def round_ratios(report: Report, broker: str, system: str, baseline: str) -> lis
 
 def format_report(report: Report) -> str:
     """Return the report as Markdown."""
-    lines = [f"Command: `{report.command}`", ""]
+    lines = [
+        f"Command: `{report.command}`",
+        "",
+        "A message is one run of the three-step pipeline: three step executions, three hops.",
+        "",
+    ]
     if len(report.rounds) > 1:
         lines += [f"Every figure is the median of {len(report.rounds)} rounds.", ""]
     lines += [f"- {name}: {value}" for name, value in report.machine.items()]
-    lines += ["", "| broker | system | messages/s | hop median ms | hop p99 ms | bytes/message | peak worker MB | worker CPU ms/message |",
+    lines += ["", "| broker | system | messages/s end to end | hop median ms | hop p99 ms | bytes/message | peak worker MB | worker CPU ms/message |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for m in report.measurements:
         lines.append(
@@ -49,14 +54,14 @@ def format_report(report: Report) -> str:
             f"| {m.worker_cpu_ms:.2f} |"
         )
     lines += ["", "| broker | ratio of messages/s | median of the rounds | each round |", "|---|---|---:|---|"]
-    for broker in sorted({m.broker for m in report.measurements}):
+    for broker in dict.fromkeys(m.broker for m in report.measurements):
         for system, baseline in RATIOS:
             values = round_ratios(report, broker, system, baseline)
             if values:
-                each = ", ".join(f"{value:.2f}" for value in values)
+                per_round = ", ".join(f"{value:.2f}" for value in values)
                 lines.append(
                     f"| {broker} | {_label(report, system)} / {_label(report, baseline)} "
-                    f"| {statistics.median(values):.2f} | {each} |"
+                    f"| {statistics.median(values):.2f} | {per_round} |"
                 )
     lines += ["", _scaling_table(report.measurements)]
     return "\n".join(lines)

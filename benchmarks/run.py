@@ -19,7 +19,9 @@ import argparse
 import json
 import logging
 import platform
+import signal
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -29,6 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from kombu import Connection
 
 from benchmarks import probe
 from benchmarks.measure import (
@@ -41,6 +44,7 @@ from benchmarks.measure import (
 from benchmarks.relay import CountingRelay
 from benchmarks.report import format_report
 from benchmarks.systems import LINEAR, SYSTEMS, Sender, Shape, System, Workers, delete_queue
+from workflows_celery.redaction import mask_url
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +168,10 @@ class Session:
         self.workers.stop()
         if self.sender is not None:
             self.sender.close()
-        if self.broker == "rabbitmq":
+        try:
             delete_queue(self.broker_url, self.queue)
+        except Exception as error:  # a cleanup error must not hide the phase's own
+            logger.warning("Could not delete queue %s: %s", self.queue, error)
 
     def run_batch(
         self, runs: int, shape: Shape, padding: int, *, timeout_s: float | None = None
@@ -180,7 +186,7 @@ class Session:
         for run in range(runs):
             self.sender.start(probe.new_payload(key, run, padding), shape)
         self.workers.check_running()
-        records = collect_runs(self.sink, key, finishing, timeout_s)
+        records = collect_runs(self.sink, key, finishing, timeout_s, self.workers.log_path)
         hops = 2 if shape.fanout else shape.nodes
         for record in records:
             if len(record["hops"]) != hops:
@@ -288,7 +294,7 @@ def run_benchmark(settings: Settings) -> Report:
     """Measure every requested system on every requested broker, ``settings.rounds`` times."""
     folder = settings.folder or Path(tempfile.mkdtemp(prefix="workflows-celery-benchmark-"))
     folder.mkdir(parents=True, exist_ok=True)
-    report = Report(settings={k: str(v) for k, v in asdict(settings).items()}, machine=machine())
+    report = Report(settings=asdict(settings), machine=machine())
     for number in range(1, settings.rounds + 1):
         measured: list[Measurement] = []
         for broker in settings.brokers:
@@ -319,30 +325,63 @@ def median_measurement(rounds: list[Measurement]) -> Measurement:
     )
 
 
+def positive_int(text: str) -> int:
+    """Parse a count that must be at least 1 (an ``argparse`` type)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid count {value}: use 1 or more")
+    return value
+
+
+def check_broker(url: str, option: str) -> None:
+    """Raise ``SystemExit`` with a clear message when the broker at ``url`` cannot be reached."""
+    try:
+        with Connection(url, connect_timeout=5) as connection:
+            connection.ensure_connection(max_retries=1)
+    except Exception as error:
+        raise SystemExit(
+            f"error: cannot reach the broker {mask_url(url)} ({error}); start it, "
+            f"or give its URL with {option}"
+        ) from error
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Compare workflows-celery with plain Celery chains and python-workflows.",
+        description=(
+            "Compare workflows-celery with plain Celery chains and python-workflows. "
+            "Systems: " + "; ".join(f"{key} = {system.label}" for key, system in sorted(SYSTEMS.items()))
+            + ". python-workflows and the confirm variants run on RabbitMQ only."
+        ),
     )
-    parser.add_argument("--messages", type=int, default=Settings.messages, help="runs in the throughput phase (default %(default)s)")
-    parser.add_argument("--latency-runs", type=int, default=Settings.latency_runs, help="runs, one at a time, in the latency phase (default %(default)s)")
-    parser.add_argument("--bytes-runs", type=int, default=Settings.bytes_runs, help="runs in the bytes-on-the-wire phase (default %(default)s)")
-    parser.add_argument("--scaling-messages", type=int, default=Settings.scaling_messages, help="step executions per fan-out and recipe-size case (default %(default)s)")
-    parser.add_argument("--large-payload-runs", type=int, default=Settings.large_payload_runs, help="runs with the 1 MB payload (default %(default)s)")
-    parser.add_argument("--rounds", type=int, default=Settings.rounds, help="measure every system this many times, one after the other, and report medians (default %(default)s)")
-    parser.add_argument("--concurrency", type=int, default=Settings.concurrency, help="worker processes of each system (default %(default)s)")
+    parser.add_argument("--messages", type=positive_int, default=Settings.messages, help="messages (runs of the three-step pipeline) in the throughput phase (default %(default)s)")
+    parser.add_argument("--latency-runs", type=positive_int, default=Settings.latency_runs, help="runs, one at a time, in the latency phase (default %(default)s)")
+    parser.add_argument("--bytes-runs", type=positive_int, default=Settings.bytes_runs, help="runs in the bytes-on-the-wire phase (default %(default)s)")
+    parser.add_argument("--scaling-messages", type=positive_int, default=Settings.scaling_messages, help="step executions per fan-out and recipe-size case (default %(default)s)")
+    parser.add_argument("--large-payload-runs", type=positive_int, default=Settings.large_payload_runs, help="runs with the 1 MB payload (default %(default)s)")
+    parser.add_argument("--rounds", type=positive_int, default=Settings.rounds, help="measure every system this many times, one after the other, and report medians (default %(default)s)")
+    parser.add_argument("--concurrency", type=positive_int, default=Settings.concurrency, help="worker processes of each system (default %(default)s)")
     parser.add_argument("--pool", choices=("prefork", "solo"), default=Settings.pool, help="Celery pool: one prefork worker with --concurrency children, or --concurrency solo workers (default %(default)s)")
     parser.add_argument("--broker", action="append", choices=("redis", "rabbitmq"), help="broker to measure on; repeat for both (default both)")
-    parser.add_argument("--system", action="append", choices=sorted(SYSTEMS), help="system to measure; repeat for several (default all)")
+    parser.add_argument("--system", action="append", choices=sorted(SYSTEMS), help="system to measure, by the short name listed above; repeat for several (default all)")
     parser.add_argument("--redis-url", default=Settings.redis_url, help="Redis broker (default %(default)s)")
     parser.add_argument("--amqp-url", default=Settings.amqp_url, help="RabbitMQ broker (default %(default)s)")
     parser.add_argument("--sink-url", default=Settings.sink_url, help="Redis that receives finished runs (default %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--folder", type=Path, help="folder for worker logs (default: a new temporary folder)")
     arguments = parser.parse_args(argv)
+    brokers = tuple(arguments.broker or Settings.brokers)
+    systems = tuple(arguments.system or Settings.systems)
+    for key in systems:
+        if not any(SYSTEMS[key].supports(broker) for broker in brokers):
+            parser.error(f"{SYSTEMS[key].label} ({key}) runs on RabbitMQ only: add --broker rabbitmq")
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    # pika logs every connection it opens and closes at INFO.
+    # pika and PikaTransport log every connection they open and close at INFO.
     logging.getLogger("pika").setLevel(logging.WARNING)
+    logging.getLogger("workflows.transport.pika_transport").setLevel(logging.WARNING)
+    # SIGTERM (from timeout, say) unwinds like Ctrl-C, so that workers are stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     settings = Settings(
         messages=arguments.messages,
@@ -350,19 +389,24 @@ def main(argv: list[str] | None = None) -> int:
         bytes_runs=arguments.bytes_runs,
         scaling_messages=arguments.scaling_messages,
         large_payload_runs=arguments.large_payload_runs,
-        rounds=max(arguments.rounds, 1),
+        rounds=arguments.rounds,
         concurrency=arguments.concurrency,
         pool=arguments.pool,
-        brokers=tuple(arguments.broker or Settings.brokers),
-        systems=tuple(arguments.system or Settings.systems),
+        brokers=brokers,
+        systems=systems,
         redis_url=arguments.redis_url,
         amqp_url=arguments.amqp_url,
         sink_url=arguments.sink_url,
-        folder=arguments.folder,
+        folder=arguments.folder or Path(tempfile.mkdtemp(prefix="workflows-celery-benchmark-")),
     )
+    check_broker(settings.sink_url, "--sink-url")
+    for broker in brokers:
+        check_broker(settings.broker_url(broker), "--redis-url" if broker == "redis" else "--amqp-url")
+    logger.info("Worker logs go to %s", settings.folder)
+
     report = run_benchmark(settings)
-    report.command = "python -m benchmarks " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    report.command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
     print(format_report(report))
     if arguments.json:
-        arguments.json.write_text(json.dumps(asdict(report), indent=2))
+        arguments.json.write_text(json.dumps(asdict(report), indent=2, default=str))
     return 0

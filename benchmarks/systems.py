@@ -26,8 +26,9 @@ from benchmarks import probe, recipes
 from workflows_celery import routing
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-#: Seconds a worker may take to stop after SIGTERM before it gets SIGKILL.
-STOP_TIMEOUT_S = 5.0
+#: Seconds a worker may take to stop after SIGTERM before it gets SIGKILL. A
+#: killed worker leaves its prefetched messages to come back later.
+STOP_TIMEOUT_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -246,9 +247,14 @@ def declare_queue(broker_url: str, queue: str) -> None:
 
 
 def delete_queue(broker_url: str, queue: str) -> None:
-    """Delete ``queue`` and anything left in it."""
+    """Delete ``queue``, anything left in it, and on Redis the bindings kombu keeps for it."""
     with Connection(broker_url) as connection:
-        routing.task_queue(queue).bind(connection.default_channel).delete()
+        channel = connection.default_channel
+        routing.task_queue(queue).bind(channel).delete()
+        client = getattr(channel, "client", None)
+        if connection.transport.driver_type == "redis" and client is not None:
+            # Celery declares an exchange named after its default queue.
+            client.delete(f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
 
 
 class Workers:
