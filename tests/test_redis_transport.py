@@ -12,7 +12,10 @@ import redis
 from celery import Celery
 from helpers import Recorder, delete_queues, wait_for
 
-from workflows_celery import CeleryTransport, create_app
+from kombu import Consumer
+from kombu.message import Message
+
+from workflows_celery import CeleryTransport, create_app, routing
 from workflows_celery.redis_transport import (
     _TAKE,
     TRANSPORT_NAME,
@@ -43,7 +46,14 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
 def take_as_dying_consumer(client: redis.Redis, channel: Channel, queue: str) -> str:
     """Take the next message of ``queue`` as a consumer does, and never ack it; return its tag."""
     reply = client.eval(
-        _TAKE, 3, channel.unacked_index_key, channel.unacked_key, queue, time.time(), UNREADABLE_PREFIX
+        _TAKE,
+        3,
+        channel.unacked_index_key,
+        channel.unacked_key,
+        queue,
+        time.time(),
+        UNREADABLE_PREFIX,
+        "1",
     )
     assert reply is not None
     return str(json.loads(reply[1])["properties"]["delivery_tag"])
@@ -108,6 +118,28 @@ def test_unreadable_message_is_kept(app: Celery, client: redis.Redis, unique: st
     finally:
         receiver.disconnect()
         client.delete(unreadable)
+        delete_queues(app, [queue])
+
+
+def test_no_ack_consumer_leaves_no_record(app: Celery, client: redis.Redis, unique: str) -> None:
+    queue = f"test.take.{unique}.noack"
+    tags: list[str] = []
+
+    def on_message(body: object, message: Message) -> None:
+        tags.append(str(message.delivery_tag))
+
+    CeleryTransport(app).send(queue, {"n": 5})
+    try:
+        with app.connection_for_write() as connection:
+            channel = connection.default_channel
+            with Consumer(channel, [routing.task_queue(queue)], no_ack=True, callbacks=[on_message]):
+                connection.drain_events(timeout=5)
+            unacked_key = channel.unacked_key
+            unacked_index_key = channel.unacked_index_key
+        assert len(tags) == 1
+        assert not client.hexists(unacked_key, tags[0])
+        assert client.zscore(unacked_index_key, tags[0]) is None
+    finally:
         delete_queues(app, [queue])
 
 

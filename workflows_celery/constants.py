@@ -50,8 +50,9 @@ DEFAULT_DELIVERY_LIMIT = 5
 #: Setting that overrides :data:`DEFAULT_DELIVERY_LIMIT`.
 SETTING_DELIVERY_LIMIT = "workflows_delivery_limit"
 
-#: Largest message a sender may send, in bytes of JSON: the message and its
-#: headers. Large data belongs in files; messages carry their paths.
+#: Largest message a sender may send, in bytes of JSON: the step task's body,
+#: which contains the message, its headers and its destination. Large data
+#: belongs in files; messages carry their paths.
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 #: Setting naming the environment (e.g. "live" or "test") whose broadcasts an

@@ -76,11 +76,13 @@ SIGNAL_TTL_MS = 60_000
 UNREADABLE_PREFIX = "workflows.unreadable."
 
 # Takes the first waiting message of the queue keys KEYS[3..], in priority
-# order. It records the message as unacknowledged in the index KEYS[1] and the
-# hash KEYS[2] as kombu's QoS.append does, with the score ARGV[1] (the time)
-# and the record [message, exchange, routing key], the message text unchanged.
-# Returns {key, message}. A message that is not kombu's JSON envelope goes to
-# the list ARGV[2] .. key instead of being lost, and {key, false} is returned.
+# order. When ARGV[i] is '1' for the queue key KEYS[i], the queue is consumed
+# with acknowledgements, and the script records the message as unacknowledged
+# in the index KEYS[1] and the hash KEYS[2] as kombu's QoS.append does: with
+# the score ARGV[1] (the time) and the record [message, exchange, routing
+# key], the message text unchanged. Returns {key, message}. A message that is
+# not kombu's JSON envelope goes to the list ARGV[2] .. key instead of being
+# lost, and {key, false} is returned.
 _TAKE = """
 for i = 3, #KEYS do
     local message = redis.call('RPOP', KEYS[i])
@@ -96,8 +98,10 @@ for i = 3, #KEYS do
             redis.call('LPUSH', ARGV[2] .. KEYS[i], message)
             return {KEYS[i], false}
         end
-        redis.call('ZADD', KEYS[1], ARGV[1], tag)
-        redis.call('HSET', KEYS[2], tag, record)
+        if ARGV[i] == '1' then
+            redis.call('ZADD', KEYS[1], ARGV[1], tag)
+            redis.call('HSET', KEYS[2], tag, record)
+        end
         return {KEYS[i], message}
     end
 end
@@ -134,7 +138,24 @@ class Channel(redis.Channel):
         self._waiting = False
         self._script_loaded = False
         self._safe: bool | None = None
+        # Queues read without acknowledgements (remote-control replies, say):
+        # their messages are not recorded as unacknowledged, as in kombu.
+        self._no_ack_queues: set[str] = set()
         super().__init__(*args, **kwargs)
+
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        if no_ack:
+            self._no_ack_queues.add(queue)
+        else:
+            self._no_ack_queues.discard(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
+
+    def basic_cancel(self, consumer_tag: Any) -> Any:
+        queue = self._tag_to_queue.get(consumer_tag)
+        result = super().basic_cancel(consumer_tag)
+        if queue is not None and queue not in self._active_queues:
+            self._no_ack_queues.discard(queue)
+        return result
 
     # -- Taking messages ------------------------------------------------------------
 
@@ -167,7 +188,9 @@ class Channel(redis.Channel):
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]
         if not self._waiting:
             # Without blocking: the first waiting message of any queue.
-            keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+            pairs = [(queue, pri) for pri in self.priority_steps for queue in queues]
+            keys = [self._q_for_pri(queue, pri) for queue, pri in pairs]
+            record = ["0" if queue in self._no_ack_queues else "1" for queue, _ in pairs]
             self.client.connection.send_command(
                 "EVALSHA",
                 _TAKE_SHA,
@@ -177,6 +200,7 @@ class Channel(redis.Channel):
                 *keys,
                 time.time(),
                 UNREADABLE_PREFIX,
+                *record,
             )
             return
         # Nothing was waiting: sleep until a sender signals a new message.
