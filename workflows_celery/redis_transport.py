@@ -76,13 +76,13 @@ SIGNAL_TTL_MS = 60_000
 UNREADABLE_PREFIX = "workflows.unreadable."
 
 # Takes the first waiting message of the queue keys KEYS[3..], in priority
-# order. When ARGV[i] is '1' for the queue key KEYS[i], the queue is consumed
-# with acknowledgements, and the script records the message as unacknowledged
-# in the index KEYS[1] and the hash KEYS[2] as kombu's QoS.append does: with
-# the score ARGV[1] (the time) and the record [message, exchange, routing
-# key], the message text unchanged. Returns {key, message}. A message that is
-# not kombu's JSON envelope goes to the list ARGV[2] .. key instead of being
-# lost, and {key, false} is returned.
+# order. ARGV[i] is '1' when the queue of KEYS[i] is consumed with
+# acknowledgements. Then the script records the message as unacknowledged, as
+# kombu's QoS.append does: in the index KEYS[1] with the score ARGV[1] (the
+# time), and in the hash KEYS[2] as [message, exchange, routing key], the
+# message text unchanged. Returns {key, message}. A message that is not
+# kombu's JSON envelope goes to the list ARGV[2] .. key instead of being lost,
+# and {key, false} is returned.
 _TAKE = """
 for i = 3, #KEYS do
     local message = redis.call('RPOP', KEYS[i])
