@@ -12,7 +12,6 @@ process instead, on kombu's in-memory broker.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import importlib.util
 import json
@@ -22,13 +21,11 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +35,17 @@ import workflows.recipe
 from celery import Celery
 from helpers import wait_for
 from kombu import Connection
+from workers import (
+    DESTINATION_QUEUE,
+    PREFORK_CONCURRENCY,
+    QUEUE_LOCK_TIMEOUT_S,
+    TRANSACTION_QUEUE,
+    WORKER_READY_TIMEOUT_S,
+    WORKER_STOP_TIMEOUT_S,
+    WorkerProcess,
+    exclusive_sample_queues,
+    purge_queues,
+)
 from workflows.recipe.wrapper import RecipeWrapper
 from workflows.services.common_service import CommonService
 
@@ -55,25 +63,8 @@ from workflows_celery.embedded import embedded_worker
 from workflows_celery.monitor import StatusBoard
 from workflows_celery.status import STATUS_INTERVAL_S
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-#: Queues that the sample services read and write. Their names are fixed.
-DESTINATION_QUEUE = "transient.destination"
-TRANSACTION_QUEUE = "transient.transaction"
-
-#: Seconds a worker may take to log that it is ready.
-WORKER_READY_TIMEOUT_S = 60.0
-#: Seconds a worker may take to exit after SIGTERM before it gets SIGKILL.
-WORKER_STOP_TIMEOUT_S = 30.0
 #: Seconds a message may take to pass through a running worker.
 DELIVERY_TIMEOUT_S = 30.0
-#: Child processes of a prefork worker (``-c``). Each child hosts its own services.
-PREFORK_CONCURRENCY = 2
-
-#: Seconds to wait for another run of these tests to release the sample queues.
-QUEUE_LOCK_TIMEOUT_S = 150.0
-#: File locked while a run of these tests uses the sample services' queues.
-QUEUE_LOCK_PATH = Path(tempfile.gettempdir()) / "workflows-celery-test-sample-queues.lock"
 
 # Waiting for another run (QUEUE_LOCK_TIMEOUT_S) counts towards the first
 # test's timeout, so the default timeout of 120 s is raised here.
@@ -89,155 +80,6 @@ SUDDEN_DEATH_HANG_VARIABLE = "WORKFLOWS_CELERY_TEST_SUDDEN_DEATH_HANG"
 
 #: Visibility timeout of ``tests.app_short_visibility``, in seconds.
 VISIBILITY_TIMEOUT_S = 3.0
-
-
-# -- Worker subprocesses ------------------------------------------------------
-
-
-#: Delivery limit of the test workers, far above what random aborts reach.
-WORKER_DELIVERY_LIMIT = 100
-
-
-class WorkerProcess:
-    """A ``celery worker`` subprocess whose output goes to a file.
-
-    Args:
-        broker_url: Broker the worker connects to (``-b``).
-        services: Value of ``--services``, or ``None`` to leave the option out.
-        pool: Celery pool (``-P``).
-        app_module: Value of ``-A``.
-        log_dir: Folder for the output file.
-        env: Extra environment variables for the worker.
-    """
-
-    def __init__(
-        self,
-        broker_url: str,
-        services: list[str] | None,
-        pool: str,
-        app_module: str,
-        log_dir: Path,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.node_name = f"test-{uuid.uuid4().hex[:12]}"
-        self.pool = pool
-        self.services = services
-        self.command = [
-            sys.executable, "-m", "celery",
-            "-A", app_module,
-            "-b", broker_url,
-            "worker",
-        ]
-        if services is not None:
-            self.command += ["--services", ",".join(services)]
-        self.command += [
-            # SampleTxn aborts a quarter of its transactions at random, so one
-            # message may well come back five times in a row. These tests check
-            # that it is processed, not that it is dead-lettered.
-            "--delivery-limit", str(WORKER_DELIVERY_LIMIT),
-            "-P", pool,
-            "-c", str(PREFORK_CONCURRENCY),
-            "-l", "INFO",
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
-            "-n", f"{self.node_name}@%h",
-        ]  # fmt: skip
-        self.log_path = log_dir / f"{self.node_name}.log"
-        self.env = {
-            **os.environ,
-            # The worker imports test helpers as ``tests.<module>``.
-            "PYTHONPATH": os.pathsep.join(
-                part for part in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if part
-            ),
-            **(env or {}),
-        }
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        """The PID of the worker's main process."""
-        assert self.process is not None, "worker not started"
-        return self.process.pid
-
-    def start(self) -> None:
-        """Start the subprocess without waiting for it to be ready."""
-        with self.log_path.open("wb") as log_file:
-            self.process = subprocess.Popen(
-                self.command,
-                cwd=REPO_ROOT,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
-
-    def output(self) -> str:
-        """Return everything the worker wrote so far."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def describe(self) -> str:
-        """Return the command, the exit code if any, and the output, for failure messages."""
-        returncode = None if self.process is None else self.process.poll()
-        return (
-            f"worker command: {' '.join(self.command)}\n"
-            f"exit code: {returncode}\n"
-            f"--- worker output ({self.log_path}) ---\n{self.output()}"
-        )
-
-    def is_running(self) -> bool:
-        """Tell whether the subprocess has been started and has not exited."""
-        return self.process is not None and self.process.poll() is None
-
-    def wait_for_output(self, pattern: str, count: int = 1, timeout_s: float = 30.0) -> None:
-        """Wait until ``pattern`` (a regular expression) matches ``count`` times in the output.
-
-        Raises:
-            AssertionError: the worker exited or the wait timed out.
-        """
-        regex = re.compile(pattern, re.MULTILINE)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if len(regex.findall(self.output())) >= count:
-                return
-            if not self.is_running():
-                break
-            time.sleep(0.1)
-        if len(regex.findall(self.output())) >= count:
-            return
-        state = "exited" if not self.is_running() else f"timed out after {timeout_s:.0f} s"
-        raise AssertionError(
-            f"worker {state} before {pattern!r} appeared {count} time(s) in its output\n"
-            + self.describe()
-        )
-
-    def wait_until_ready(self) -> None:
-        """Wait until the worker is ready and every hosted service has started."""
-        self.wait_for_output(
-            rf"{re.escape(self.node_name)}@\S+ ready\.", timeout_s=WORKER_READY_TIMEOUT_S
-        )
-        if self.services is not None:
-            processes = PREFORK_CONCURRENCY if self.pool == "prefork" else 1
-            self.wait_for_output(
-                r"Started service ",
-                count=processes * len(self.services),
-                timeout_s=WORKER_READY_TIMEOUT_S,
-            )
-
-    def stop(self) -> int | None:
-        """Stop the worker with SIGTERM, or SIGKILL after a timeout, and return its exit code."""
-        process = self.process
-        if process is None:
-            return None
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGTERM)
-            try:
-                process.wait(WORKER_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait(10)
-        return process.returncode
 
 
 class Workers:
@@ -313,35 +155,6 @@ class _WorkerOutputOnFailure:
         return report
 
 
-@contextmanager
-def exclusive_sample_queues() -> Iterator[None]:
-    """Hold a file lock so that two runs of these tests on one machine take turns.
-
-    Both runs would otherwise consume and purge the same fixed queues. The
-    operating system releases the lock if the holding process dies.
-
-    Raises:
-        pytest.fail.Exception: the lock is still held after ``QUEUE_LOCK_TIMEOUT_S``.
-    """
-    with QUEUE_LOCK_PATH.open("a") as lock_file:
-        deadline = time.monotonic() + QUEUE_LOCK_TIMEOUT_S
-        while True:
-            try:
-                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    pytest.fail(
-                        f"Timed out after {QUEUE_LOCK_TIMEOUT_S:.0f} s waiting for another run "
-                        f"of these tests to release {QUEUE_LOCK_PATH}; stop that run and retry"
-                    )
-                time.sleep(0.5)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
 @pytest.fixture(scope="module")
 def workers(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -365,16 +178,6 @@ def _reset_used_workers(request: pytest.FixtureRequest) -> None:
 
 
 # -- Broker helpers -----------------------------------------------------------
-
-
-def purge_queues(broker_url: str, *names: str) -> None:
-    """Empty durable workflows queues, declaring them first if they are missing."""
-    with Connection(broker_url) as connection:
-        channel = connection.default_channel
-        for name in names:
-            queue = routing.task_queue(name).bind(channel)
-            queue.declare()
-            queue.purge()
 
 
 def delete_queue(broker_url: str, name: str) -> None:
