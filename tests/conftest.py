@@ -13,6 +13,9 @@ from helpers import Harness
 
 from workflows_celery import create_app
 
+# The project's own fixtures, as users enable them; pytester runs user projects.
+pytest_plugins = ["pytester", "workflows_celery.pytest_plugin"]
+
 REDIS_URL = os.environ.get("WORKFLOWS_CELERY_TEST_REDIS", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get(
     "WORKFLOWS_CELERY_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//"

@@ -36,9 +36,9 @@ from workflows_celery import (
     start_recipe,
 )
 from workflows_celery.constants import EMBEDDED_BROKER_URL
-from workflows_celery.embedded import FlightTracker, embedded_worker
 from workflows_celery.errors import InvalidRecipeError
 from workflows_celery.recipes import load_recipe, prepare_recipe
+from workflows_celery.testing import WorkflowsHarness, embedded_harness
 
 PROBE_QUEUE = "tests.recipes.probe"
 PLACEHOLDER_QUEUE = "tests.recipes.filled-in"
@@ -151,27 +151,25 @@ def relay(rw: RecipeWrapper, header: dict[str, Any], payload: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def embedded() -> Iterator[tuple[Celery, FlightTracker]]:
+def embedded() -> Iterator[WorkflowsHarness]:
     """One embedded worker for the module, hosting ``RecipeProbe`` and ``relay``."""
     app = create_app(EMBEDDED_BROKER_URL, main="tests.test_recipes")
     recipe_step(app, RELAY_QUEUE, name="Relay")(relay)
-    with embedded_worker([RecipeProbe], app=app) as (worker_app, tracker):
-        yield worker_app, tracker
+    with embedded_harness([RecipeProbe], app=app) as harness:
+        yield harness
 
 
 def run(
-    embedded: tuple[Celery, FlightTracker],
+    embedded: WorkflowsHarness,
     recipe: dict[str, Any],
     parameters: dict[str, Any] | None = None,
     environment: dict[str, Any] | None = None,
 ) -> list[Visit]:
-    """Start a run, wait until no message is in flight and return its visits."""
-    app, tracker = embedded
+    """Start a run, wait until none of its messages is in flight and return its visits."""
     run_environment = {"ID": str(uuid.uuid4()), **(environment or {})}
-    run_id = start_recipe(recipe, parameters, environment=run_environment, app=app)
-    assert run_id == run_environment["ID"]
-    assert tracker.wait_until_idle(RUN_TIMEOUT_S), "the run did not finish in time"
-    return JOURNAL.visits(run_id)
+    finished = embedded.run(recipe, parameters, environment=run_environment, timeout_s=RUN_TIMEOUT_S)
+    assert finished.id == run_environment["ID"]
+    return JOURNAL.visits(finished.id)
 
 
 def probe(**node: Any) -> dict[str, Any]:
@@ -678,11 +676,10 @@ def test_prepare_recipe_rejects_unresolved_queue() -> None:
     assert prepare_recipe(recipe, allow_unresolved=True)[1]["queue"] == "results.{beamline}"
 
 
-def test_start_recipe_sends_nothing_for_invalid(embedded: Any) -> None:
-    app, tracker = embedded
-    sent_before = tracker.sent
+def test_start_recipe_sends_nothing_for_invalid(embedded: WorkflowsHarness) -> None:
+    sent_before = len(embedded.sent)
     recipe = {"1": probe(output=2), "start": [[1, {}]]}
 
     with pytest.raises(InvalidRecipeError, match='Node "2"'):
-        start_recipe(recipe, app=app)
-    assert tracker.sent == sent_before
+        start_recipe(recipe, app=embedded.app)
+    assert len(embedded.sent) == sent_before

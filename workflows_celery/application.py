@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
+from types import ModuleType
 from typing import Any
 
 from celery import Celery
 
 from workflows_celery import logcontext
 from workflows_celery.constants import (
+    CONFIG_MODULE_VARIABLE,
     DEFAULT_APP_NAME,
     DEFAULT_PROCESS_START_TIMEOUT_S,
     NAMESPACE_VARIABLE,
     SETTING_NAMESPACE,
     SETTING_SERVICES,
+    START_TASK_NAME,
     STEP_TASK_NAME,
 )
+from workflows_celery.errors import ConfigurationError
 
 #: Celery's own default for ``worker_proc_alive_timeout``, in seconds.
 _CELERY_PROCESS_START_TIMEOUT_S = 4.0
@@ -45,6 +50,7 @@ def setup_app(app: Celery, *, services: Any = None) -> Celery:
     Returns:
         The same app, for chaining.
     """
+    from workflows_celery.canvas import start_recipe_task
     from workflows_celery.hosting import run_step
     from workflows_celery.worker import install_worker_support
 
@@ -78,6 +84,8 @@ def setup_app(app: Celery, *, services: Any = None) -> Celery:
             ignore_result=True,
             typing=False,
         )(run_step)
+    if START_TASK_NAME not in app.tasks:
+        app.task(name=START_TASK_NAME, bind=True, shared=False)(start_recipe_task)
     install_worker_support(app)
     return app
 
@@ -121,9 +129,34 @@ def create_app(broker_url: str | None = None, *, main: str = DEFAULT_APP_NAME) -
 
 
 def default_app() -> Celery:
-    """Return the ready-made app that ``celery -A workflows_celery`` runs."""
+    """Return the ready-made app that ``celery -A workflows_celery`` runs.
+
+    When the environment variable ``CELERY_CONFIG_MODULE`` names a module, the
+    app loads its settings (lower-case Celery setting names, such as
+    ``beat_schedule``) before workflows-celery adds its own.
+    """
     global _default_app
     with _default_app_lock:
         if _default_app is None:
-            _default_app = create_app()
+            app = Celery(DEFAULT_APP_NAME, set_as_current=False)
+            module_name = os.environ.get(CONFIG_MODULE_VARIABLE)
+            if module_name:
+                app.config_from_object(_settings_module(module_name))
+            _default_app = setup_app(app)
         return _default_app
+
+
+def _settings_module(name: str) -> ModuleType:
+    """Import the settings module that ``CELERY_CONFIG_MODULE`` names.
+
+    Raises:
+        ConfigurationError: the module cannot be imported.
+    """
+    try:
+        return importlib.import_module(name)
+    except Exception as error:
+        raise ConfigurationError(
+            f"{CONFIG_MODULE_VARIABLE}={name!r} names a module that cannot be imported "
+            f"({type(error).__name__}: {error}); put its folder on PYTHONPATH, "
+            "fix the module, or unset the variable"
+        ) from error

@@ -7,11 +7,13 @@ python-workflows honours them. Each message becomes a signature of the step task
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
 from celery import Celery, group
+from celery import Task
 from celery.canvas import Signature
 from workflows.recipe.wrapper import RecipeWrapper
 
@@ -19,6 +21,8 @@ from workflows_celery.constants import STEP_TASK_NAME
 from workflows_celery.messages import OutgoingMessage
 from workflows_celery.recipes import RecipeSource, prepare_recipe
 from workflows_celery.transport import CeleryTransport, route_options
+
+logger = logging.getLogger(__name__)
 
 
 def first_messages(
@@ -94,6 +98,31 @@ def start_recipe(
         recipe, parameters, environment=environment, app=app, allow_unresolved=allow_unresolved
     )
     CeleryTransport(app).publish(messages)
+    return run_id
+
+
+def start_recipe_task(
+    task: Task,
+    recipe: Mapping[str, Any] | str,
+    parameters: Mapping[str, Any] | None = None,
+    environment: Mapping[str, Any] | None = None,
+) -> str:
+    """Start a run from a worker; the body of the ``workflows_celery.start_recipe`` task.
+
+    ``celery beat`` schedules this task to start recipes periodically, and any
+    Celery client can send it. ``recipe`` is a recipe object, JSON text, or the
+    path of a recipe file as the worker sees it (relative paths start at the
+    worker's working folder). Returns the run ID.
+
+    Raises:
+        InvalidRecipeError: the recipe is invalid, cannot be read, or a
+            destination is unresolved. The task fails with this error, which
+            Celery logs and reports to the result backend; the message is not
+            retried, because the same input would fail again.
+    """
+    run_id = start_recipe(recipe, parameters, environment=environment, app=task.app)
+    origin = recipe if isinstance(recipe, str) and not recipe.lstrip().startswith("{") else "a recipe"
+    logger.info("Started run %s of %s", run_id, origin)
     return run_id
 
 

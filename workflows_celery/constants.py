@@ -10,6 +10,9 @@ from __future__ import annotations
 #: imports service code: the destination queue alone decides which worker runs it.
 STEP_TASK_NAME = "workflows_celery.step"
 
+#: Name of the task that starts a run of a recipe, e.g. from ``celery beat``.
+START_TASK_NAME = "workflows_celery.start_recipe"
+
 # Keyword arguments of the step task, as they appear in the task message body.
 KWARG_QUEUE = "queue"
 KWARG_TOPIC = "topic"
@@ -84,6 +87,10 @@ HEADER_REINJECTED = "workflows-reinjected"
 
 #: Name of the ready-made app of ``celery -A workflows_celery``.
 DEFAULT_APP_NAME = "workflows_celery"
+
+#: Environment variable naming a module of Celery settings that the ready-made
+#: app loads, as in Celery's own ``config_from_envvar`` example.
+CONFIG_MODULE_VARIABLE = "CELERY_CONFIG_MODULE"
 
 #: Celery's default for the ``worker_consumer`` setting, which workflows-celery
 #: replaces with its own consumer unless an app already chose another.

@@ -13,7 +13,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,6 +28,9 @@ from celery.worker import state as worker_state
 from workflows_celery.application import create_app
 from workflows_celery.constants import (
     EMBEDDED_BROKER_URL,
+    HEADER_RECIPE,
+    KWARG_HEADERS,
+    KWARG_MESSAGE,
     KWARG_QUEUE,
     KWARG_TOPIC,
     STEP_TASK_NAME,
@@ -140,6 +144,11 @@ class FlightTracker:
         #: Messages moved to a dead-letter queue, by original queue.
         self.dead_lettered: dict[str, int] = {}
         self.steps: list[StepRecord] = []
+        #: Messages in flight by run ID, for runs started from a recipe.
+        self.in_flight_by_run: Counter[str] = Counter()
+        #: Called with each step message's keyword arguments and routing key
+        #: as it is published, for callers that record what was sent.
+        self.on_sent: Callable[[dict[str, Any], str | None], None] | None = None
 
     def connect(self) -> None:
         """Start counting."""
@@ -153,11 +162,11 @@ class FlightTracker:
         task_postrun.disconnect(self._on_postrun)
         task_revoked.disconnect(self._on_revoked)
 
-    def wait_until_idle(self, timeout_s: float | None = None) -> bool:
-        """Block until no message is in flight; return False on timeout."""
+    def wait_until_idle(self, timeout_s: float | None = None, *, run_id: str | None = None) -> bool:
+        """Block until no message (of run ``run_id``, if given) is in flight; return False on timeout."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._lock:
-            while self.in_flight > 0:
+            while (self.in_flight_by_run[run_id] if run_id is not None else self.in_flight) > 0:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -174,21 +183,28 @@ class FlightTracker:
         if not isinstance(kwargs, dict):
             return
         served = set(state_for(self.app).dispatcher.destinations())
+        run_id = run_id_of(kwargs)
         with self._lock:
             self.sent += 1
             queue = kwargs.get(KWARG_QUEUE)
+            counted = False
             if isinstance(queue, str) and routing_key and routing_key != queue:
                 # Published to another queue than the one it names: a dead letter.
                 self.dead_lettered[queue] = self.dead_lettered.get(queue, 0) + 1
             elif KWARG_TOPIC in kwargs:
                 # A broadcast nobody here listens to is dropped, as in workflows.
-                if Destination(kwargs[KWARG_TOPIC], is_topic=True) in served:
-                    self.in_flight += 1
+                counted = Destination(kwargs[KWARG_TOPIC], is_topic=True) in served
             elif Destination(str(kwargs.get(KWARG_QUEUE)), is_topic=False) in served:
-                self.in_flight += 1
+                counted = True
             else:
                 queue = str(kwargs.get(KWARG_QUEUE))
                 self.undeliverable[queue] = self.undeliverable.get(queue, 0) + 1
+            if counted:
+                self.in_flight += 1
+                if run_id is not None:
+                    self.in_flight_by_run[run_id] += 1
+        if self.on_sent is not None:
+            self.on_sent(kwargs, routing_key)
 
     def _on_postrun(
         self,
@@ -206,15 +222,20 @@ class FlightTracker:
         with self._lock:
             if record is not None:
                 self.steps.append(record)
-        self._finish_one()
+        self._finish_one(run_id_of(kwargs or {}))
 
     def _on_revoked(self, sender: Any = None, request: Any = None, **_: Any) -> None:
         if getattr(request, "task_name", None) == STEP_TASK_NAME or getattr(sender, "name", None) == STEP_TASK_NAME:
-            self._finish_one()
+            kwargs = getattr(request, "kwargs", None)
+            self._finish_one(run_id_of(kwargs) if isinstance(kwargs, dict) else None)
 
-    def _finish_one(self) -> None:
+    def _finish_one(self, run_id: str | None) -> None:
         with self._lock:
             self.in_flight = max(self.in_flight - 1, 0)
+            if run_id is not None and self.in_flight_by_run[run_id] > 0:
+                self.in_flight_by_run[run_id] -= 1
+                if not self.in_flight_by_run[run_id]:
+                    del self.in_flight_by_run[run_id]
             self.processed += 1
             self._lock.notify_all()
 
@@ -304,4 +325,17 @@ def _step_record(kwargs: dict[str, Any]) -> StepRecord | None:
         destination=destination,
         recipe_path=path,
         finished_at=time.monotonic(),
+        run_id=run_id_of(kwargs),
     )
+
+
+def run_id_of(kwargs: dict[str, Any]) -> str | None:
+    """Return the run ID of a step task's recipe message, or None for other messages."""
+    headers = kwargs.get(KWARG_HEADERS)
+    message = kwargs.get(KWARG_MESSAGE)
+    if not isinstance(headers, dict) or not headers.get(HEADER_RECIPE):
+        return None
+    if not isinstance(message, dict) or not isinstance(message.get("environment"), dict):
+        return None
+    run_id = message["environment"].get("ID")
+    return None if run_id is None else str(run_id)

@@ -28,6 +28,8 @@ class StepRecord:
     destination: Destination
     recipe_path: tuple[int, ...]
     finished_at: float
+    #: The run's ``environment["ID"]``, when the step's message carried one.
+    run_id: str | None = None
 
 
 def recipe_destinations(recipe: Recipe) -> set[Destination]:
