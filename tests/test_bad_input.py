@@ -10,6 +10,7 @@ once, and a message over the size limit is refused to its sender.
 from __future__ import annotations
 
 import pickle
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,11 +21,15 @@ from helpers import Recorder, delete_queues, read_dead_letters, wait_for
 from kombu import Exchange
 from workflows.services.common_service import CommonService
 
-from workflows_celery import CeleryTransport, create_app, dlq, routing
+from workflows_celery import CeleryTransport, create_app, dlq, routing, start_recipe
 from workflows_celery.constants import SETTING_MAX_MESSAGE_BYTES, STEP_TASK_NAME
 from workflows_celery.deadletter import dead_letter_queue
 from workflows_celery.embedded import embedded_worker
-from workflows_celery.errors import MessageEncodeError, MessageTooLargeError
+from workflows_celery.errors import (
+    MessageEncodeError,
+    MessageTooLargeError,
+    TransportNotConnectedError,
+)
 
 
 def reader_service(queue: str, seen: Recorder) -> type[CommonService]:
@@ -56,6 +61,10 @@ def publish_raw(app: Celery, queue: str, body: Any, **options: Any) -> None:
             **options,
         )
 
+
+#: Connections that fill the listen queue of the silent port (its backlog is 0,
+#: which Linux rounds up to a small number).
+SILENT_PORT_FILLERS = 8
 
 BAD_MESSAGES = {
     "pickle": (
@@ -302,3 +311,37 @@ def test_unserialisable_value_named_in_error(app: Celery, unique: str) -> None:
     assert "the headers['origin']['host'] is not JSON serialisable" in str(raised.value)
     assert queue_length(app, queue) == 0
     delete_queues(app, [queue])
+
+
+# -- Brokers that cannot be reached -------------------------------------------------
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port on 127.0.0.1 whose listen queue is full, so new connections hang."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    waiting = []
+    for _ in range(SILENT_PORT_FILLERS):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        waiting.append(filler)
+    try:
+        yield port
+    finally:
+        for filler in waiting:
+            filler.close()
+        server.close()
+
+
+@pytest.mark.timeout(60)
+def test_silent_redis_host_fails_send(silent_port: int) -> None:
+    app = create_app(f"redis://127.0.0.1:{silent_port}/0")
+    recipe = {"1": {"queue": "tests.bad_input.silent"}, "start": [[1, {}]]}
+
+    assert app.conf.broker_transport_options["socket_connect_timeout"] == app.conf.broker_connection_timeout
+    with pytest.raises(TransportNotConnectedError, match=r"unreachable \(Timeout connecting"):
+        start_recipe(recipe, app=app)

@@ -676,6 +676,38 @@ def test_prepare_recipe_rejects_unresolved_queue() -> None:
     assert prepare_recipe(recipe, allow_unresolved=True)[1]["queue"] == "results.{beamline}"
 
 
+@pytest.mark.parametrize(
+    ("queue", "parameters"),
+    [
+        ("results.{n:d}", {"n": "abc"}),
+        ("results.{n.x}", {"n": "abc"}),
+        ("results.{0}", {"n": "abc"}),
+    ],
+    ids=["format-mismatch", "attribute", "positional"],
+)
+def test_prepare_recipe_rejects_unfit_placeholder(queue: str, parameters: dict[str, Any]) -> None:
+    recipe = {"1": {"queue": queue}, "start": [[1, {}]]}
+
+    with pytest.raises(InvalidRecipeError, match="placeholder does not fit the parameters") as caught:
+        prepare_recipe(recipe, parameters, origin="spots")
+    assert "(in spots)" in str(caught.value)
+
+
+def test_prepare_recipe_rejects_non_string_queue() -> None:
+    recipe = {"1": {"queue": "{$REPLACE:n}"}, "start": [[1, {}]]}
+
+    with pytest.raises(InvalidRecipeError, match=r'Node "1" queue is a JSON list \(\[1\]\)'):
+        prepare_recipe(recipe, {"n": [1]})
+
+
+def test_start_recipe_names_origin_in_errors(embedded: WorkflowsHarness) -> None:
+    recipe = {"1": {"queue": "results.{beamline}"}, "start": [[1, {}]]}
+
+    with pytest.raises(InvalidRecipeError, match=r"\(in spot-finding\)") as caught:
+        start_recipe(recipe, app=embedded.app, origin="spot-finding")
+    assert "--param" not in str(caught.value)
+
+
 def test_start_recipe_sends_nothing_for_invalid(embedded: WorkflowsHarness) -> None:
     sent_before = len(embedded.sent)
     recipe = {"1": probe(output=2), "start": [[1, {}]]}

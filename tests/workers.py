@@ -52,7 +52,8 @@ class WorkerProcess:
     """A ``celery worker`` subprocess whose output goes to a file.
 
     Args:
-        broker_url: Broker the worker connects to (``-b``).
+        broker_url: Broker the worker connects to (``-b``), or ``None`` to leave
+            the option out so that the app's own settings give the broker.
         services: Value of ``--services``, or ``None`` to leave the option out.
         pool: Celery pool (``-P``).
         app_module: Value of ``-A``.
@@ -65,7 +66,7 @@ class WorkerProcess:
 
     def __init__(
         self,
-        broker_url: str,
+        broker_url: str | None,
         services: list[str] | None,
         pool: str,
         app_module: str,
@@ -77,12 +78,10 @@ class WorkerProcess:
         self.node_name = f"test-{uuid.uuid4().hex[:12]}"
         self.pool = pool
         self.services = services
-        self.command = [
-            sys.executable, "-m", "celery",
-            "-A", app_module,
-            "-b", broker_url,
-            "worker",
-        ]
+        self.command = [sys.executable, "-m", "celery", "-A", app_module]
+        if broker_url is not None:
+            self.command += ["-b", broker_url]
+        self.command += ["worker"]
         if services is not None:
             self.command += ["--services", ",".join(services)]
         self.command += [
@@ -91,7 +90,7 @@ class WorkerProcess:
             # that it is processed, not that it is dead-lettered.
             "--delivery-limit", str(WORKER_DELIVERY_LIMIT),
             "-P", pool,
-            "-c", str(PREFORK_CONCURRENCY),
+            "-c", str(PREFORK_CONCURRENCY if pool == "prefork" else 1),
             "-l", "INFO",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
             "-n", f"{self.node_name}@%h",

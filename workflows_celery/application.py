@@ -26,6 +26,9 @@ from workflows_celery.errors import ConfigurationError
 #: Celery's own default for ``worker_proc_alive_timeout``, in seconds.
 _CELERY_PROCESS_START_TIMEOUT_S = 4.0
 
+#: Broker URL schemes of Redis.
+_REDIS_SCHEMES = frozenset({"redis", "rediss"})
+
 #: Broker URL schemes of RabbitMQ through py-amqp.
 _AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
 
@@ -95,7 +98,8 @@ def apply_broker_defaults(app: Celery) -> None:
 
     Settings the app already has are kept. On Redis: the transport of
     :mod:`workflows_celery.redis_transport` and a visibility timeout of two
-    minutes (renewed while a message is held, see :mod:`workflows_celery.leases`).
+    minutes (renewed while a message is held, see :mod:`workflows_celery.leases`),
+    and a connect timeout of ``broker_connection_timeout``.
     On RabbitMQ: publisher confirms, so that a send returns only once the broker
     has the message.
 
@@ -111,6 +115,13 @@ def apply_broker_defaults(app: Celery) -> None:
         set_default_visibility_timeout(app)
     if scheme == "redis" and not app.conf.broker_transport:
         app.conf.broker_transport = TRANSPORT_NAME
+    if scheme in _REDIS_SCHEMES:
+        # kombu's Redis transport ignores ``broker_connection_timeout``, so a
+        # host that drops connection attempts would block a send until the
+        # operating system gives up, which takes minutes.
+        options = dict(app.conf.broker_transport_options or {})
+        options.setdefault("socket_connect_timeout", app.conf.broker_connection_timeout)
+        app.conf.broker_transport_options = options
     if scheme in _AMQP_SCHEMES:
         options = dict(app.conf.broker_transport_options or {})
         options.setdefault("confirm_publish", True)

@@ -32,14 +32,16 @@ def first_messages(
     environment: Mapping[str, Any] | None = None,
     app: Celery | None = None,
     allow_unresolved: bool = False,
+    origin: str | None = None,
 ) -> tuple[str, list[OutgoingMessage]]:
     """Return the run ID and the messages that start a run of ``recipe``.
 
     Nothing is sent. ``environment["ID"]`` is the run ID; a new one is made
     when it is absent. ``allow_unresolved`` keeps destinations that still hold
-    a placeholder, as simulations do.
+    a placeholder, as simulations do. ``origin`` names the recipe in error
+    messages (by default its path, or "recipe").
     """
-    prepared = prepare_recipe(recipe, parameters, allow_unresolved=allow_unresolved)
+    prepared = prepare_recipe(recipe, parameters, origin=origin, allow_unresolved=allow_unresolved)
     run_environment = dict(environment or {})
     run_environment.setdefault("ID", str(uuid.uuid4()))
 
@@ -82,8 +84,12 @@ def start_recipe(
     environment: Mapping[str, Any] | None = None,
     app: Celery | None = None,
     allow_unresolved: bool = False,
+    origin: str | None = None,
 ) -> str:
     """Start a run of ``recipe`` and return its run ID, without waiting for any step.
+
+    ``origin`` names the recipe in error messages, e.g. a recipe name that a web
+    client gave instead of the server's path to the file.
 
     Raises:
         InvalidRecipeError: the recipe is invalid or a destination is unresolved
@@ -95,7 +101,12 @@ def start_recipe(
 
         app = default_app()
     run_id, messages = first_messages(
-        recipe, parameters, environment=environment, app=app, allow_unresolved=allow_unresolved
+        recipe,
+        parameters,
+        environment=environment,
+        app=app,
+        allow_unresolved=allow_unresolved,
+        origin=origin,
     )
     CeleryTransport(app).publish(messages)
     return run_id

@@ -549,7 +549,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except WorkflowsCeleryError as error:
-        print(f"error: {error}", file=sys.stderr)
+        hint = ""
+        if "unresolved placeholder" in str(error):
+            hint = " with --param KEY=VALUE"
+        print(f"error: {error}{hint}", file=sys.stderr)
         return 1
 
 

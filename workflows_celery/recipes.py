@@ -129,6 +129,13 @@ def validate_recipe(recipe: Recipe, origin: str = "recipe") -> None:
                     f'Invalid recipe: Node "{key}" has neither "queue" nor "topic", so '
                     f"messages sent to it would be lost (in {origin}); give it one"
                 )
+            for kind in ("queue", "topic"):
+                name = node.get(kind)
+                if name is not None and not isinstance(name, str):
+                    raise InvalidRecipeError(
+                        f'Invalid recipe: Node "{key}" {kind} is a JSON {type(name).__name__} '
+                        f"({name!r}) (in {origin}); a {kind} name must be a string"
+                    )
 
 
 def unresolved_destinations(recipe: Recipe) -> list[str]:
@@ -163,15 +170,32 @@ def prepare_recipe(
     name = origin or _describe(source)
     recipe = load_recipe(source, name)
     if parameters:
-        recipe.apply_parameters(dict(parameters))
+        apply_parameters(recipe, parameters, name)
     validate_recipe(recipe, name)
     problems = unresolved_destinations(recipe)
     if problems and not allow_unresolved:
         raise InvalidRecipeError(
             f"Invalid recipe: unresolved placeholder in {', '.join(problems)} (in {name}); "
-            "give a value for it, e.g. --param KEY=VALUE"
+            "give a parameter of that name"
         )
     return recipe
+
+
+def apply_parameters(recipe: Recipe, parameters: Mapping[str, Any], origin: str = "recipe") -> None:
+    """Fill the recipe's ``{placeholders}`` with workflows' own substitution.
+
+    Raises:
+        InvalidRecipeError: a placeholder's format does not fit its parameter,
+            e.g. ``{n:d}`` with a string, ``{n.x}`` or a positional ``{0}``.
+    """
+    try:
+        recipe.apply_parameters(dict(parameters))
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+        raise InvalidRecipeError(
+            f"Invalid recipe: a placeholder does not fit the parameters given "
+            f"({type(error).__name__}: {error}) (in {origin}); use plain {{name}} "
+            "placeholders, or give parameters of the type the format expects"
+        ) from None
 
 
 def _describe(source: RecipeSource) -> str:
