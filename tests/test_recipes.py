@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import workflows.recipe
 from celery import Celery, group
+from celery import current_app as celery_current_app
 from workflows.recipe.wrapper import RecipeWrapper
 from workflows.services.common_service import CommonService
 
@@ -38,7 +39,9 @@ from workflows_celery import (
 from workflows_celery.constants import EMBEDDED_BROKER_URL
 from workflows_celery.errors import InvalidRecipeError
 from workflows_celery.recipes import load_recipe, prepare_recipe
-from workflows_celery.testing import WorkflowsHarness, embedded_harness
+from workflows_celery.application import default_app
+from workflows_celery.canvas import current_workflows_app
+from workflows_celery.testing import Run, WorkflowsHarness, embedded_harness
 
 PROBE_QUEUE = "tests.recipes.probe"
 PLACEHOLDER_QUEUE = "tests.recipes.filled-in"
@@ -706,6 +709,30 @@ def test_start_recipe_names_origin_in_errors(embedded: WorkflowsHarness) -> None
     with pytest.raises(InvalidRecipeError, match=r"\(in spot-finding\)") as caught:
         start_recipe(recipe, app=embedded.app, origin="spot-finding")
     assert "--param" not in str(caught.value)
+
+
+def test_start_recipe_uses_current_app(embedded: WorkflowsHarness) -> None:
+    recipe = {"1": probe(), "start": [[1, {"image": "x_0001.cbf"}]]}
+    previous = celery_current_app._get_current_object()
+    embedded.app.set_current()
+    try:
+        run_id = start_recipe(recipe)
+    finally:
+        previous.set_current()
+
+    run = Run(embedded, run_id).wait(RUN_TIMEOUT_S)
+    assert run.nodes_run() == [1]
+
+
+def test_start_recipe_skips_app_without_setup() -> None:
+    plain = Celery("tests.plain", broker=EMBEDDED_BROKER_URL, set_as_current=False)
+    previous = celery_current_app._get_current_object()
+    plain.set_current()
+    try:
+        chosen = current_workflows_app()
+    finally:
+        previous.set_current()
+    assert chosen is default_app()
 
 
 def test_start_recipe_sends_nothing_for_invalid(embedded: WorkflowsHarness) -> None:

@@ -144,7 +144,10 @@ def default_app() -> Celery:
 
     When the environment variable ``CELERY_CONFIG_MODULE`` names a module, the
     app loads its settings (lower-case Celery setting names, such as
-    ``beat_schedule``) before workflows-celery adds its own.
+    ``beat_schedule``) before workflows-celery adds its own. Celery's loader
+    reads that variable for any app without a configuration of its own. The
+    module is imported here so that a module that cannot be imported gives
+    an error naming the variable.
     """
     global _default_app
     with _default_app_lock:

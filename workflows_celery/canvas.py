@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from celery import Celery, group
+from celery import current_app as celery_current_app
 from celery import Task
 from celery.canvas import Signature
 from workflows.recipe.wrapper import RecipeWrapper
@@ -23,6 +24,20 @@ from workflows_celery.recipes import RecipeSource, prepare_recipe
 from workflows_celery.transport import CeleryTransport, route_options
 
 logger = logging.getLogger(__name__)
+
+
+def current_workflows_app() -> Celery:
+    """Return Celery's current app when ``setup_app`` prepared it, else the ready-made app.
+
+    A Django or Flask project's app is current once its module is imported,
+    so ``start_recipe`` without ``app=`` sends with that app's settings.
+    """
+    current = celery_current_app._get_current_object()
+    if STEP_TASK_NAME in current.tasks:
+        return current
+    from workflows_celery.application import default_app
+
+    return default_app()
 
 
 def first_messages(
@@ -68,10 +83,7 @@ def recipe_canvas(
     Raises:
         InvalidRecipeError: the recipe is invalid or a destination is unresolved.
     """
-    if app is None:
-        from workflows_celery.application import default_app
-
-        app = default_app()
+    app = app or current_workflows_app()
     run_id, messages = first_messages(recipe, parameters, environment=environment, app=app)
     signatures = [_signature(app, outgoing) for outgoing in messages]
     return group(signatures, app=app, task_id=run_id)
@@ -89,17 +101,15 @@ def start_recipe(
     """Start a run of ``recipe`` and return its run ID, without waiting for any step.
 
     ``origin`` names the recipe in error messages, e.g. a recipe name that a web
-    client gave instead of the server's path to the file.
+    client gave instead of the server's path to the file. Without ``app`` the
+    run goes through :func:`current_workflows_app`.
 
     Raises:
         InvalidRecipeError: the recipe is invalid or a destination is unresolved
             (unless ``allow_unresolved``).
         MessageEncodeError: a start payload is not JSON serialisable.
     """
-    if app is None:
-        from workflows_celery.application import default_app
-
-        app = default_app()
+    app = app or current_workflows_app()
     run_id, messages = first_messages(
         recipe,
         parameters,

@@ -99,12 +99,11 @@ def start_run() -> ResponseReturnValue:
 
 
 def _start(name: str, recipe_path: Path, parameters: dict[str, Any]) -> ResponseReturnValue:
-    # The recipe goes in as text, not as a path, so that error messages sent
-    # to the client do not show where the server keeps its recipes.
-    recipe_text = recipe_path.read_text(encoding="utf-8")
     celery_app = current_app.extensions["celery"]
     try:
-        run_id = workflows_celery.start_recipe(recipe_text, parameters, app=celery_app)
+        # origin= names the recipe in errors, which the client sees, instead
+        # of the server's path to the file.
+        run_id = workflows_celery.start_recipe(recipe_path, parameters, app=celery_app, origin=name)
     except InvalidRecipeError as error:
         # Logged, because the recipe file itself may be what is wrong.
         logger.info("Run of recipe %s rejected: %s", name, error)
