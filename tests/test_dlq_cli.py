@@ -370,3 +370,25 @@ def test_second_death_counts_on(app: Celery, unique: str) -> None:
     finally:
         receiver.disconnect()
         delete_queues(app, [queue, dead_letter_queue(queue)])
+
+
+def test_reading_keeps_queue_order(app: Celery, unique: str) -> None:
+    from workflows_celery.deadletter import REASON_REJECTED, dead_letter
+    from workflows_celery.messages import Destination
+
+    queue = f"test.dlq.{unique}.order"
+    try:
+        for number in range(3):
+            dead_letter(
+                app,
+                Destination(queue),
+                {},
+                {"number": number},
+                message_id=f"message-{unique}-{number}",
+                reason=REASON_REJECTED,
+                error="ordered",
+            )
+        for _ in range(3):
+            assert [letter.message["number"] for letter in dlq.read(app, queue)] == [0, 1, 2]
+    finally:
+        delete_queues(app, [dead_letter_queue(queue)])

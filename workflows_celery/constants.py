@@ -58,6 +58,18 @@ SETTING_DELIVERY_LIMIT = "workflows_delivery_limit"
 #: belongs in files; messages carry their paths.
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
+#: Setting naming the folder of named recipes (``NAME.json`` files).
+SETTING_RECIPE_DIR = "workflows_recipe_dir"
+
+#: Environment variable naming the recipe folder when the setting is not set.
+RECIPE_DIR_VARIABLE = "WORKFLOWS_CELERY_RECIPE_DIR"
+
+#: Environment variable naming the folder where ``run`` spools runs it could not send.
+SPOOL_DIR_VARIABLE = "WORKFLOWS_CELERY_SPOOL_DIR"
+
+#: Queue on which the dispatcher service takes start requests, as in Zocalo.
+DISPATCHER_QUEUE = "processing_recipe"
+
 #: Setting naming the environment (e.g. "live" or "test") whose broadcasts an
 #: app sends and hears: topics become ``<namespace>.<topic>`` on the broker.
 SETTING_NAMESPACE = "workflows_namespace"

@@ -181,8 +181,11 @@ def _taken(app: Celery, queue: str, limit: int | None = None) -> Iterator[list[D
                 taken.append(_parse(name, message))
             yield taken
         finally:
-            # Newest first, so that each goes back to the head in the old order.
-            for letter in reversed(taken):
+            # Oldest first: kombu's Redis transport puts a rejected message at the
+            # back of its queue, and RabbitMQ puts it back where it was.
+            # NOTE: on Redis, messages left in the queue (with ``limit``) move
+            # ahead of the ones taken and put back.
+            for letter in taken:
                 kombu_message = letter._kombu_message
                 if kombu_message is not None and not kombu_message.acknowledged:
                     kombu_message.reject(requeue=True)

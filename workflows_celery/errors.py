@@ -28,6 +28,14 @@ class InvalidRecipeError(WorkflowsCeleryError):
     """
 
 
+class RecipeNotFoundError(InvalidRecipeError):
+    """Raised when a recipe name matches no recipe file in the recipe folder."""
+
+
+class InvalidStartRequestError(WorkflowsCeleryError):
+    """Raised when a start request (recipe names, parameters, custom recipe) is malformed."""
+
+
 class MessageEncodeError(WorkflowsCeleryError):
     """Raised to the sender when a message or its headers cannot be sent as JSON."""
 

@@ -408,7 +408,8 @@ def run_step(task: Task, **kwargs: Any) -> str:
         if outcome is None or outcome.acked:
             continue
         if outcome.nacked and not outcome.requeue:
-            return delivery.dead(deadletter.REASON_REJECTED, f"rejected by {handler.host.name}")
+            detail = f": {outcome.reason}" if outcome.reason else ""
+            return delivery.dead(deadletter.REASON_REJECTED, f"rejected by {handler.host.name}{detail}")
         if outcome.nacked:
             return delivery.again(f"nacked by {handler.host.name}")
         logger.warning(
@@ -481,6 +482,7 @@ def _deliver(
 
     def settle(result: Settlement) -> None:
         outcome.acked, outcome.nacked, outcome.requeue = result.acked, result.nacked, result.requeue
+        outcome.reason = result.reason
 
     message_id = str(request.id)
     try:

@@ -49,14 +49,16 @@ class FunctionStepService(CommonService):
 
     def _process(self, rw: RecipeWrapper | None, header: dict[str, Any], payload: Any) -> None:
         if rw is None:
-            # NOTE: the rejected message is dropped; dead-lettering is not built yet.
+            # The rejected message goes to the queue's dead-letter queue.
             self.log.error(
                 "Rejected message %s on queue %r: it is not a recipe message "
                 "(header 'workflows-recipe' missing); send it with a recipe",
                 header.get("message-id"),
                 self.step_queue,
             )
-            transport_of(self).nack(header, requeue=False)
+            transport_of(self).nack(
+                header, requeue=False, reason="not a recipe message (header 'workflows-recipe' missing)"
+            )
             return
         type(self).step_function(rw, header, payload)
         transport_of(self).ack(header)

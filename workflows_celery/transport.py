@@ -93,6 +93,8 @@ class Settlement:
     acked: bool = False
     nacked: bool = False
     requeue: bool = True
+    #: Why the service rejected the message, kept with its dead letter.
+    reason: str | None = None
 
     @property
     def settled(self) -> bool:
@@ -624,9 +626,13 @@ class CeleryTransport(CommonTransport):
         *,
         requeue: bool = True,
         transaction: int | None = None,
+        reason: str | None = None,
         **kwargs: Any,
     ) -> None:
-        outcome = Settlement(nacked=True, requeue=bool(requeue))
+        # ``reason`` is not part of the workflows transport interface: a service
+        # gives it with nack(header, requeue=False, reason=...) so that the dead
+        # letter says why the message was rejected.
+        outcome = Settlement(nacked=True, requeue=bool(requeue), reason=reason)
         self._settle(str(message_id), subscription_id, outcome, transaction)
 
     def _settle(
