@@ -14,6 +14,7 @@ RATIOS = (
     ("wc", "celery"),
     ("wc", "celery-confirm"),
     ("wc-noconfirm", "celery"),
+    ("wc", "wc-noledger"),
     ("wc-plain", "celery"),
     ("wc", "pw"),
     ("wc-plain", "pw-plain"),

@@ -43,7 +43,16 @@ from benchmarks.measure import (
 )
 from benchmarks.relay import CountingRelay
 from benchmarks.report import format_report
-from benchmarks.systems import LINEAR, SYSTEMS, Sender, Shape, System, Workers, delete_queue
+from benchmarks.systems import (
+    LEDGER_URL_VARIABLE,
+    LINEAR,
+    SYSTEMS,
+    Sender,
+    Shape,
+    System,
+    Workers,
+    delete_queue,
+)
 from workflows_celery.redaction import mask_url
 
 logger = logging.getLogger(__name__)
@@ -71,7 +80,7 @@ class Settings:
     pool: str = "prefork"
     brokers: tuple[str, ...] = ("redis", "rabbitmq")
     systems: tuple[str, ...] = (
-        "wc", "wc-noconfirm", "wc-plain", "celery", "celery-confirm", "pw", "pw-plain",
+        "wc", "wc-noconfirm", "wc-noledger", "wc-plain", "celery", "celery-confirm", "pw", "pw-plain",
     )  # fmt: skip
     #: Systems measured for fan-out and recipe size (they must run recipes).
     scaling_systems: tuple[str, ...] = ("wc", "pw")
@@ -147,6 +156,7 @@ class Session:
                 "CELERY_BROKER_URL": broker_url,
                 probe.QUEUE_VARIABLE: self.queue,
                 probe.SINK_URL_VARIABLE: settings.sink_url,
+                LEDGER_URL_VARIABLE: settings.redis_url,
                 **system.environment,
             },
             folder / f"{broker}-{system.key}-{uuid.uuid4().hex[:6]}.log",
@@ -155,7 +165,7 @@ class Session:
 
     def __enter__(self) -> Session:
         # Declared first: python-workflows reads only queues that exist.
-        self.sender = self.system.sender(self.broker_url, self.queue)
+        self.sender = self.system.sender(self.broker_url, self.queue, self.settings.redis_url)
         self.workers.start()
         try:
             self.run_batch(WARMUP_RUNS, LINEAR, SMALL_PAYLOAD, timeout_s=WARMUP_TIMEOUT_S)

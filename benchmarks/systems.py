@@ -30,6 +30,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 #: killed worker leaves its prefetched messages to come back later.
 STOP_TIMEOUT_S = 15.0
 
+#: Environment variable that turns the run ledger of workflows-celery off ("0").
+LEDGER_VARIABLE = "WORKFLOWS_CELERY_BENCH_LEDGER"
+#: Environment variable naming the Redis of the run ledger, for RabbitMQ runs.
+LEDGER_URL_VARIABLE = "WORKFLOWS_CELERY_BENCH_LEDGER_URL"
+#: Seconds the benchmark's runs stay in the ledger: an hour, like the probe's
+#: sink keys, instead of the default week, because a benchmark starts many runs.
+LEDGER_TTL_S = 3600
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -65,6 +73,7 @@ class System:
         service: The service class the workers host, as ``module:Class``.
         confirm: Whether to publish with RabbitMQ publisher confirms, when it
             differs from the system's default (Celery: off, workflows-celery: on).
+        ledger: Whether workflows-celery records runs in the run ledger.
     """
 
     key: str
@@ -72,15 +81,17 @@ class System:
     kind: str
     service: str = ""
     confirm: bool | None = None
+    ledger: bool = True
 
     @property
     def environment(self) -> dict[str, str]:
         """Environment variables of the system's workers."""
         from benchmarks.celery_chain import CONFIRM_VARIABLE
 
-        if self.confirm is None:
-            return {}
-        return {CONFIRM_VARIABLE: "1" if self.confirm else "0"}
+        variables = {} if self.ledger else {LEDGER_VARIABLE: "0"}
+        if self.confirm is not None:
+            variables[CONFIRM_VARIABLE] = "1" if self.confirm else "0"
+        return variables
 
     @property
     def runs_recipes(self) -> bool:
@@ -117,10 +128,12 @@ class System:
             for number in range(concurrency)
         ]
 
-    def sender(self, broker_url: str, queue: str) -> Sender:
+    def sender(self, broker_url: str, queue: str, ledger_url: str | None = None) -> Sender:
         """Return a sender that starts runs of this system."""
         if self.kind == "workflows-celery":
-            return WorkflowsCelerySender(broker_url, queue, confirm=self.confirm)
+            return WorkflowsCelerySender(
+                broker_url, queue, confirm=self.confirm, ledger_url=ledger_url if self.ledger else None
+            )
         if self.kind == "celery":
             return CelerySender(broker_url, queue, confirm=bool(self.confirm))
         return PythonWorkflowsSender(broker_url, queue)
@@ -136,6 +149,13 @@ SYSTEMS = {
             "workflows-celery",
             "benchmarks.services:BenchStep",
             confirm=False,
+        ),
+        System(
+            "wc-noledger",
+            "workflows-celery, run ledger off",
+            "workflows-celery",
+            "benchmarks.services:BenchStep",
+            ledger=False,
         ),
         System(
             "wc-plain",
@@ -174,11 +194,18 @@ class Sender:
 class WorkflowsCelerySender(Sender):
     """Starts recipes with :func:`workflows_celery.start_recipe`."""
 
-    def __init__(self, broker_url: str, queue: str, *, confirm: bool | None = None) -> None:
+    def __init__(
+        self, broker_url: str, queue: str, *, confirm: bool | None = None, ledger_url: str | None = None
+    ) -> None:
         from workflows_celery import create_app
 
         super().__init__(broker_url, queue)
         self.app = create_app(broker_url)
+        if ledger_url is None:
+            self.app.conf.workflows_ledger = False
+        else:
+            self.app.conf.workflows_ledger_url = ledger_url
+            self.app.conf.workflows_ledger_ttl = LEDGER_TTL_S
         if confirm is False:
             self.app.conf.broker_transport_options = {
                 **(self.app.conf.broker_transport_options or {}),

@@ -14,8 +14,8 @@ import pytest
 from benchmarks.report import format_report
 from benchmarks.run import SMALL_PAYLOAD, Settings, run_benchmark
 
-#: Systems of the tiny run: one of each kind.
-SYSTEMS = ("wc", "celery", "pw")
+#: Systems of the tiny run: one of each kind, and workflows-celery without its run ledger.
+SYSTEMS = ("wc", "wc-noledger", "celery", "pw")
 
 
 @pytest.mark.redis
@@ -39,8 +39,10 @@ def test_tiny_benchmark_measures_every_system(tmp_path: Path) -> None:
     measured = {(m.broker, m.system) for m in report.measurements}
     assert measured == {
         ("redis", "wc"),
+        ("redis", "wc-noledger"),
         ("redis", "celery"),
         ("rabbitmq", "wc"),
+        ("rabbitmq", "wc-noledger"),
         ("rabbitmq", "celery"),
         ("rabbitmq", "pw"),
     }
@@ -54,9 +56,10 @@ def test_tiny_benchmark_measures_every_system(tmp_path: Path) -> None:
         assert m.worker_cpu_ms > 0, where
         assert "payload 1 MB" in m.scaling_us, where
     for m in report.measurements:
-        if m.system != "celery":
+        if m.system in ("wc", "pw"):
             assert set(m.scaling_us) >= {"fan-out 1", "fan-out 10", "recipe 3 nodes", "recipe 30 nodes"}
     text = format_report(report)
     assert "| rabbitmq | workflows-celery / python-workflows |" in text
     assert "| redis | workflows-celery / Celery chain |" in text
+    assert "| redis | workflows-celery / workflows-celery, run ledger off |" in text
     assert len(report.rounds) == 1

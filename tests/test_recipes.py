@@ -735,6 +735,17 @@ def test_start_recipe_skips_app_without_setup() -> None:
     assert chosen is default_app()
 
 
+def test_recipe_file_errors_name_origin_only(tmp_path: Any) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+
+    for source in (broken, tmp_path / "absent.json"):
+        with pytest.raises(InvalidRecipeError) as caught:
+            prepare_recipe(source, origin="spots")
+        assert "spots" in str(caught.value)
+        assert str(tmp_path) not in str(caught.value)
+
+
 def test_start_recipe_sends_nothing_for_invalid(embedded: WorkflowsHarness) -> None:
     sent_before = len(embedded.sent)
     recipe = {"1": probe(output=2), "start": [[1, {}]]}

@@ -8,6 +8,7 @@ python-workflows honours them. Each message becomes a signature of the step task
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +20,7 @@ from celery.canvas import Signature
 from workflows.recipe.wrapper import RecipeWrapper
 
 from workflows_celery.constants import STEP_TASK_NAME
+from workflows_celery.ledger import ledger_for
 from workflows_celery.messages import OutgoingMessage
 from workflows_celery.recipes import RecipeSource, prepare_recipe
 from workflows_celery.transport import CeleryTransport, route_options
@@ -85,6 +87,11 @@ def recipe_canvas(
     """
     app = app or current_workflows_app()
     run_id, messages = first_messages(recipe, parameters, environment=environment, app=app)
+    recorder = ledger_for(app)
+    if recorder is not None:
+        # NOTE: recorded when the canvas is built, so a canvas that is never
+        # applied leaves a run that stays "running" in the ledger.
+        recorder.record_start(run_id, messages, _describe_source(recipe))
     signatures = [_signature(app, outgoing) for outgoing in messages]
     return group(signatures, app=app, task_id=run_id)
 
@@ -118,7 +125,7 @@ def start_recipe(
         allow_unresolved=allow_unresolved,
         origin=origin,
     )
-    CeleryTransport(app).publish(messages)
+    CeleryTransport(app).publish(messages, origin=origin or _describe_source(recipe))
     return run_id
 
 
@@ -145,6 +152,13 @@ def start_recipe_task(
     origin = recipe if isinstance(recipe, str) and not recipe.lstrip().startswith("{") else "a recipe"
     logger.info("Started run %s of %s", run_id, origin)
     return run_id
+
+
+def _describe_source(recipe: RecipeSource) -> str:
+    """Name a recipe in the run ledger: its path, or "recipe"."""
+    if isinstance(recipe, (str, os.PathLike)) and not str(recipe).lstrip().startswith("{"):
+        return str(recipe)
+    return "recipe"
 
 
 def _signature(app: Celery, outgoing: OutgoingMessage) -> Signature:

@@ -70,6 +70,15 @@ SPOOL_DIR_VARIABLE = "WORKFLOWS_CELERY_SPOOL_DIR"
 #: Queue on which the dispatcher service takes start requests, as in Zocalo.
 DISPATCHER_QUEUE = "processing_recipe"
 
+#: Setting that turns the run ledger off when False (it is on by default on Redis).
+SETTING_LEDGER = "workflows_ledger"
+
+#: Setting naming the Redis of the run ledger (default: a Redis result backend or broker).
+SETTING_LEDGER_URL = "workflows_ledger_url"
+
+#: Setting giving the seconds a run's ledger records are kept after its last update.
+SETTING_LEDGER_TTL = "workflows_ledger_ttl"
+
 #: Setting naming the environment (e.g. "live" or "test") whose broadcasts an
 #: app sends and hears: topics become ``<namespace>.<topic>`` on the broker.
 SETTING_NAMESPACE = "workflows_namespace"

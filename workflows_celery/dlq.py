@@ -307,6 +307,7 @@ def reinject(
             if letter.raw:
                 _republish_raw(app, letter, to_queue)
             else:
+                _record_reinjection(app, letter)
                 publish_messages(app, [_reinjection(letter, to_queue)])
             _settle(letter)
             logger.info(
@@ -334,6 +335,15 @@ def _republish_raw(app: Celery, letter: DeadLetter, to_queue: str | None) -> Non
     }
     headers[HEADER_REINJECTED] = {"from": letter.dead_letter_queue, "time": int(time.time())}
     publish_copy(app, message, queue, headers)
+
+
+def _record_reinjection(app: Celery, letter: DeadLetter) -> None:
+    """Count a re-injected recipe message as in flight again in its run's ledger."""
+    from workflows_celery.ledger import ledger_for
+
+    recorder = ledger_for(app)
+    if recorder is not None and letter.run_id is not None and letter.message_id:
+        recorder.record_reinjected(letter.run_id, letter.message_id)
 
 
 def _reinjection(letter: DeadLetter, to_queue: str | None) -> OutgoingMessage:
@@ -413,6 +423,7 @@ def reinject_files(
                 "from its dead-letter queue with --id instead"
             )
     for letter in letters:
+        _record_reinjection(app, letter)
         publish_messages(app, [_reinjection(letter, to_queue)])
     return letters
 

@@ -28,15 +28,12 @@ from celery.worker import state as worker_state
 from workflows_celery.application import create_app
 from workflows_celery.constants import (
     EMBEDDED_BROKER_URL,
-    HEADER_RECIPE,
-    KWARG_HEADERS,
-    KWARG_MESSAGE,
     KWARG_QUEUE,
     KWARG_TOPIC,
     STEP_TASK_NAME,
 )
 from workflows_celery.hosting import state_for
-from workflows_celery.messages import Destination, destination_from_kwargs
+from workflows_celery.messages import Destination, destination_from_kwargs, run_id_of
 from workflows_celery.simulate import StepRecord
 from workflows_celery.worker import WorkflowsConsumer
 
@@ -327,15 +324,3 @@ def _step_record(kwargs: dict[str, Any]) -> StepRecord | None:
         finished_at=time.monotonic(),
         run_id=run_id_of(kwargs),
     )
-
-
-def run_id_of(kwargs: dict[str, Any]) -> str | None:
-    """Return the run ID of a step task's recipe message, or None for other messages."""
-    headers = kwargs.get(KWARG_HEADERS)
-    message = kwargs.get(KWARG_MESSAGE)
-    if not isinstance(headers, dict) or not headers.get(HEADER_RECIPE):
-        return None
-    if not isinstance(message, dict) or not isinstance(message.get("environment"), dict):
-        return None
-    run_id = message["environment"].get("ID")
-    return None if run_id is None else str(run_id)

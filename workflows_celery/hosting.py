@@ -10,6 +10,7 @@ execution of the step task, which hands it to the bound callback.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 import weakref
@@ -21,14 +22,20 @@ from celery import Celery, Task
 from celery.exceptions import Reject
 from workflows.services.common_service import CommonService
 
-from workflows_celery import deadletter, logcontext
+from workflows_celery import deadletter, ledger, logcontext
+from workflows_celery.constants import KWARG_MESSAGE
 from workflows_celery.control import CommandListener
 from workflows_celery.errors import (
     ConfigurationError,
     NotARecipeError,
     TransportNotConnectedError,
 )
-from workflows_celery.messages import Destination, destination_from_kwargs
+from workflows_celery.messages import (
+    Destination,
+    OutgoingMessage,
+    destination_from_kwargs,
+    run_id_of,
+)
 from workflows_celery.status import StatusReporter, host_id
 from workflows_celery.transport import CeleryTransport, Settlement, SubscriptionBinder
 
@@ -42,6 +49,15 @@ OUTCOME_PROCESSED = "processed"
 OUTCOME_PUBLISHED_AGAIN = "published again"
 OUTCOME_DEAD_LETTERED = "dead-lettered"
 OUTCOME_DROPPED = "dropped: no subscriber to the topic in this process"
+OUTCOME_CANCELLED = "dropped: its run was cancelled"
+
+#: How the run ledger records each outcome of a step.
+_LEDGER_OUTCOMES = {
+    OUTCOME_PROCESSED: "done",
+    OUTCOME_DEAD_LETTERED: "dead-lettered",
+    OUTCOME_PUBLISHED_AGAIN: "retried",
+    OUTCOME_DROPPED: "broadcast",
+}
 
 
 
@@ -337,7 +353,88 @@ def state_for(app: Celery) -> AppState:
 
 
 def run_step(task: Task, **kwargs: Any) -> str:
-    """Body of the step task: hand one message to the subscriptions of its destination.
+    """Body of the step task: run the step, and record it in the run ledger.
+
+    A recipe message of a cancelled run is dropped here, before any service
+    sees it. See :func:`_run_step` for the step itself.
+    """
+    recorder = ledger.ledger_for(task.app)
+    run_id = run_id_of(kwargs) if recorder is not None else None
+    destination = destination_from_kwargs(kwargs)
+    if recorder is None or run_id is None or destination is None:
+        return _run_step(task, **kwargs)
+
+    request = task.request
+    message = kwargs.get(KWARG_MESSAGE)
+    started_at = time.time()
+
+    def record(outcome: str, sends: list[OutgoingMessage], error: str | None = None) -> None:
+        recorder.record_step(run_id, _ledger_step(request, destination, message, started_at, outcome, error), sends)
+
+    if not destination.is_topic and recorder.is_cancelled(run_id):
+        logger.info("Dropped message %s on %s: run %s was cancelled", request.id, destination, run_id)
+        record(ledger.STEP_CANCELLED, [])
+        return OUTCOME_CANCELLED
+
+    with ledger.step_sends(run_id) as sends:
+        outcome = ledger.STEP_RETRIED
+        try:
+            result = _run_step(task, **kwargs)
+            outcome = _LEDGER_OUTCOMES.get(result, ledger.STEP_RETRIED)
+            return result
+        except Reject:
+            raise
+        except Exception as error:
+            # _run_step dead-letters the message of a queue before it raises.
+            outcome = ledger.STEP_BROADCAST if destination.is_topic else ledger.STEP_DEAD_LETTERED
+            sends.error = sends.error or repr(error)
+            raise
+        finally:
+            if destination.is_topic and outcome != ledger.STEP_DEAD_LETTERED:
+                outcome = ledger.STEP_BROADCAST
+            record(outcome, sends.messages, sends.error)
+
+
+def _ledger_step(
+    request: Any,
+    destination: Destination,
+    message: Any,
+    started_at: float,
+    outcome: str,
+    error: str | None,
+) -> ledger.LedgerStep:
+    """Describe a step for the run ledger."""
+    node = service = sender = None
+    if isinstance(message, Mapping):
+        node = _int_or_none(message.get("recipe-pointer"))
+        path = message.get("recipe-path") or []
+        sender = _int_or_none(path[-1]) if path else None
+        recipe = message.get("recipe")
+        step = recipe.get(str(node), recipe.get(node)) if isinstance(recipe, Mapping) else None
+        service = step.get("service") if isinstance(step, Mapping) else None
+    return ledger.LedgerStep(
+        node=node,
+        service=str(service or "-"),
+        destination=str(destination),
+        worker=str(getattr(request, "hostname", None) or socket.gethostname()),
+        started_at=started_at,
+        ended_at=time.time(),
+        outcome=outcome,
+        sender=sender,
+        message_id=str(request.id),
+        error=error,
+    )
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _run_step(task: Task, **kwargs: Any) -> str:
+    """Hand one message to the subscriptions of its destination.
 
     A message that must be processed again is published again with its
     delivery count raised. One that cannot be processed goes to its dead-letter
@@ -443,6 +540,7 @@ class _Redelivery:
 
     def again(self, why: str) -> str:
         """Publish the message again, or dead-letter it at the delivery limit; return which."""
+        ledger.note_step_error(why)
         published = deadletter.redeliver(
             self.app,
             self.destination,
@@ -457,6 +555,7 @@ class _Redelivery:
 
     def dead(self, reason: str, error: str) -> str:
         """Move the message to its dead-letter queue."""
+        ledger.note_step_error(error)
         deadletter.dead_letter(
             self.app,
             self.destination,

@@ -188,3 +188,15 @@ def callback_header(
         }
     )
     return header
+
+
+def run_id_of(kwargs: dict[str, Any]) -> str | None:
+    """Return the run ID of a step task's recipe message, or None for other messages."""
+    headers = kwargs.get(KWARG_HEADERS)
+    message = kwargs.get(KWARG_MESSAGE)
+    if not isinstance(headers, dict) or not headers.get(HEADER_RECIPE):
+        return None
+    if not isinstance(message, dict) or not isinstance(message.get("environment"), dict):
+        return None
+    run_id = message["environment"].get("ID")
+    return None if run_id is None else str(run_id)

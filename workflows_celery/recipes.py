@@ -69,13 +69,16 @@ def load_recipe(source: RecipeSource, origin: str | None = None) -> Recipe:
         isinstance(source, str) and not source.lstrip().startswith("{")
     ):
         path = Path(source)
+        # ``origin`` names the recipe in every message, so that a web server
+        # can report errors without showing where its recipe files are.
+        name = origin or str(path)
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as error:
             raise InvalidRecipeError(
-                f"Invalid recipe: cannot read {str(path)!r}: {error.strerror}"
+                f"Invalid recipe: cannot read {name!r}: {error.strerror}"
             ) from None
-        return _build(parse_recipe_json(text, str(path)), origin or str(path))
+        return _build(parse_recipe_json(text, name), name)
     return _build(parse_recipe_json(source, origin or "recipe"), origin or "recipe")
 
 

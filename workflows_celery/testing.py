@@ -30,8 +30,8 @@ from workflows_celery.constants import (
     STATUS_TOPIC,
 )
 from workflows_celery.deadletter import dead_letter_queue
-from workflows_celery.embedded import FlightTracker, embedded_worker, run_id_of
-from workflows_celery.messages import Destination, destination_from_kwargs
+from workflows_celery.embedded import FlightTracker, embedded_worker
+from workflows_celery.messages import Destination, destination_from_kwargs, run_id_of
 from workflows_celery.recipes import RecipeSource
 from workflows_celery.simulate import StepRecord
 from workflows_celery.transport import CeleryTransport

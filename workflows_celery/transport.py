@@ -53,7 +53,7 @@ from celery._state import get_current_task
 from kombu.message import Message
 from workflows.transport.common_transport import CommonTransport, MessageCallback
 
-from workflows_celery import deadletter, redis_transport, routing
+from workflows_celery import deadletter, ledger, redis_transport, routing
 from workflows_celery.constants import (
     DEFAULT_MAX_MESSAGE_BYTES,
     SETTING_NAMESPACE,
@@ -347,8 +347,15 @@ class CeleryTransport(CommonTransport):
             return
         self.publish([outgoing])
 
-    def publish(self, messages: list[OutgoingMessage], *, together: bool = False) -> None:
-        """Publish messages now, in order; with ``together``, all of them or none."""
+    def publish(
+        self, messages: list[OutgoingMessage], *, together: bool = False, origin: str | None = None
+    ) -> None:
+        """Publish messages now, in order; with ``together``, all of them or none.
+
+        Recipe messages are recorded in the run ledger first (see
+        :mod:`workflows_celery.ledger`); ``origin`` names the recipe of a run
+        that these messages start.
+        """
         if self.capture is not None:
             self.capture.extend(messages)
             return
@@ -356,10 +363,15 @@ class CeleryTransport(CommonTransport):
             for outgoing in messages:
                 logger.debug("Dry run: not sending to %s", outgoing.destination)
             return
-        if together and len(messages) > 1:
-            publish_together(self.app, messages)
-        else:
-            publish_messages(self.app, messages)
+        ledger.before_publish(self.app, messages, origin)
+        try:
+            if together and len(messages) > 1:
+                publish_together(self.app, messages)
+            else:
+                publish_messages(self.app, messages)
+        except BaseException:
+            ledger.after_failed_publish(self.app, messages)
+            raise
 
     # -- Subscribing ----------------------------------------------------------------
 
