@@ -85,6 +85,11 @@ KNOWN_VARIABLES = {
         frozenset({"celery", "flask"}),
         "setup_app sets workflows_namespace from it (docs/configuration.md)",
     ),
+    "WORKFLOWS_CELERY_RECIPE_DIR": Variable(
+        frozenset({"celery"}),
+        "the RecipeDispatcher service and 'workflows-celery run NAME' read named "
+        "recipes from it (docs/configuration.md)",
+    ),
     "FLOWER_BASIC_AUTH": Variable(
         frozenset({"flower"}),
         "flower's apply_env_options maps FLOWER_<option> to its basic_auth option",
@@ -783,7 +788,7 @@ def test_worker_command_hosts_named_services(compose: dict[str, Any]) -> None:
     assert parsed.invocation.command == "worker"
     assert parse_service_names(parsed.invocation.params["services"]) == [
         "SamplePipethrough",
-        "SampleTxn",
+        "RecipeDispatcher",
     ]
 
 
