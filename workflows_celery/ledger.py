@@ -1,6 +1,6 @@
 """The run ledger: what each recipe run did, and whether it has finished, kept in Redis.
 
-Neither workflows nor Celery knows when a message-driven run has ended: any
+Neither workflows nor Celery records when a message-driven run has ended: any
 step may send any number of messages, now or after a delay. The ledger
 counts them. For each run (its ``environment["ID"]``) it keeps the set S of
 messages sent to queues and the set D of messages whose step has ended. The
@@ -197,7 +197,7 @@ class LedgerStep:
 
 @dataclass
 class RunRecord:
-    """A run as the ledger knows it."""
+    """A run as the ledger recorded it."""
 
     run_id: str
     state: str

@@ -1,7 +1,8 @@
 """The ``workflows-celery`` command: start, check and operate recipes and services.
 
 Each module adds its commands to the parser: :mod:`.run` starts and validates
-recipes, :mod:`.runs` reads and cancels runs in the run ledger, :mod:`.monitor`
+recipes, :mod:`.runs` reads and cancels runs in the run ledger, :mod:`.graph` draws
+recipes and runs, :mod:`.monitor`
 watches and stops services, and :mod:`.dlq` operates dead-letter queues.
 """
 
@@ -14,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from workflows_celery import __version__
-from workflows_celery.cli import dlq, monitor, run, runs
+from workflows_celery.cli import dlq, graph, monitor, run, runs
 from workflows_celery.cli.common import parse_parameter
 from workflows_celery.errors import WorkflowsCeleryError
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run.add_commands(commands)
     runs.add_commands(commands)
+    graph.add_commands(commands)
     monitor.add_commands(commands)
     dlq.add_commands(commands)
     return parser

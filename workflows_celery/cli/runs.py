@@ -11,7 +11,7 @@ from typing import Any
 from workflows_celery.cli.common import add_broker_option, broker_app
 from workflows_celery.ledger import LedgerError, LedgerStep, RunRecord, require_ledger
 
-#: Runs that ``runs`` lists unless ``--limit`` says otherwise.
+#: Runs that ``runs`` lists by default (``--limit``).
 DEFAULT_RUNS_LISTED = 20
 
 
