@@ -11,6 +11,7 @@ import os
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from workflows.services.common_service import CommonService
 
@@ -61,6 +62,20 @@ class Rejector(CommonService):
 
     def reject(self, rw: object, header: dict[str, object], payload: object) -> None:
         self._transport.nack(header, requeue=False)
+
+
+class DelayedForwarder(CommonService):
+    """Forward every recipe message on queue ``test.forwarder`` after the payload's ``delay`` seconds."""
+
+    _service_name = "Delayed forwarder"
+
+    def initializing(self) -> None:
+        import workflows.recipe
+
+        workflows.recipe.wrap_subscribe(self._transport, "test.forwarder", self.forward)
+
+    def forward(self, rw: Any, header: dict[str, object], payload: Any) -> None:
+        rw.send(payload, delay=payload["delay"])
 
 
 #: Environment variable that makes ``SuddenDeath`` hang instead of killing itself.

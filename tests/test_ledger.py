@@ -24,6 +24,8 @@ from workflows.recipe.wrapper import RecipeWrapper
 
 from workflows_celery import create_app, recipe_step, start_recipe
 from workflows_celery.constants import SETTING_LEDGER, SETTING_LEDGER_URL
+from workflows_celery import ledger as ledger_module
+from workflows_celery.control import cancel_run
 from workflows_celery.errors import ConfigurationError
 from workflows_celery.ledger import (
     CANCELLED,
@@ -172,7 +174,7 @@ def test_cancelled_run_starts_nothing_further(
     run = workflows_harness.start(recipe)
     assert GATE_ENTERED.wait(RUN_TIMEOUT_S)
 
-    cancelled = ledger.cancel(run.id)
+    cancelled = cancel_run(workflows_harness.app, run.id)
     assert cancelled.state == CANCELLED
     # The running step finishes and sends a delayed message, which is dropped.
     GATE.set()
@@ -184,6 +186,25 @@ def test_cancelled_run_starts_nothing_further(
     assert [(step.node, step.outcome) for step in record.steps] == [(1, STEP_DONE), (2, STEP_CANCELLED)]
     assert run.id not in LATE_RUNS
     assert record.ended
+
+
+def test_worker_without_broadcast_reads_cancellation(
+    workflows_harness: WorkflowsHarness, ledger: Ledger, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ledger_module, "CANCELLED_REFRESH_S", 0.0)
+    recipe = {"1": node(GATE_QUEUE, output=2), "2": node(LATE_QUEUE), "start": [[1, {"n": 2}]]}
+    GATE.clear()
+    GATE_ENTERED.clear()
+    run = workflows_harness.start(recipe)
+    assert GATE_ENTERED.wait(RUN_TIMEOUT_S)
+
+    # Another process's ledger: no broadcast, and nothing noted in this process.
+    Ledger(redis_url).cancel(run.id)
+    GATE.set()
+    run.wait(RUN_TIMEOUT_S + CANCEL_DELAY_S)
+
+    assert run.id not in LATE_RUNS
+    assert [step.outcome for step in ledger.get(run.id).steps] == [STEP_DONE, STEP_CANCELLED]
 
 
 def test_cancel_after_end_rejected(workflows_harness: WorkflowsHarness, ledger: Ledger) -> None:
@@ -255,7 +276,7 @@ def test_runs_commands_list_show_cancel(
 def worker(redis_url: str, tmp_path: Path) -> Iterator[WorkerProcess]:
     process = WorkerProcess(
         redis_url,
-        ["tests.services_for_tests:Rejector"],
+        ["tests.services_for_tests:Rejector", "tests.services_for_tests:DelayedForwarder"],
         "solo",
         "workflows_celery",
         tmp_path,
@@ -286,3 +307,23 @@ def test_real_worker_records_run(worker: WorkerProcess, redis_url: str, tmp_path
     assert step.outcome == STEP_DEAD_LETTERED
     assert step.worker.startswith(worker.node_name)
     assert step.started_at <= step.ended_at
+
+
+def test_real_worker_hears_cancel_broadcast(worker: WorkerProcess, redis_url: str) -> None:
+    app = create_app(redis_url, main="tests.ledger.canceller")
+    ledger = require_ledger(app)
+    recipe = {
+        "1": {"service": "Delayed forwarder", "queue": "test.forwarder", "output": 2},
+        "2": {"service": "Rejector", "queue": "test.rejector"},
+        "start": [[1, {"delay": CANCEL_DELAY_S}]],
+    }
+    run_id = start_recipe(recipe, app=app)
+    # The first step has sent the delayed message, which the worker now holds.
+    assert wait_for(lambda: len(ledger.get(run_id).steps) == 1), worker.describe()
+
+    cancel_run(app, run_id)
+
+    record = ledger.wait(run_id, RUN_TIMEOUT_S)
+    assert [(step.node, step.outcome) for step in record.steps] == [(1, STEP_DONE), (2, STEP_CANCELLED)]
+    assert record.state == CANCELLED
+

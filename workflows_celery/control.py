@@ -1,4 +1,4 @@
-"""Stopping hosted services by host or by service.
+"""Commands to workers: stopping hosted services by host or by service, and cancelling runs.
 
 workflows services stop when a message on the ``command`` topic names them:
 ``{"command": "shutdown", "host": ...}`` or ``{"command": "shutdown",
@@ -27,12 +27,36 @@ from workflows_celery.constants import COMMAND_TOPIC
 
 if TYPE_CHECKING:
     from workflows_celery.hosting import AppState, HostedService
+    from workflows_celery.ledger import RunRecord
 
 logger = logging.getLogger(__name__)
 
 #: Field of a command that limits it to one Celery worker (its node name);
 #: Celery's remote control adds it, workflows' own tools do not.
 WORKER_FIELD = "worker"
+
+
+#: The command that tells workers a run was cancelled, with the run ID in ``run``.
+CANCEL_COMMAND = "cancel"
+
+
+def cancel_run(app: Celery, run_id: str) -> RunRecord:
+    """Cancel a run in the ledger, and tell every worker at once on the command topic.
+
+    As with Celery's ``revoke``, a step that a worker took before the broadcast
+    reached it still runs. Workers that miss the broadcast read the ledger's
+    cancelled runs within a few seconds.
+
+    Raises:
+        ConfigurationError: the app has no run ledger.
+        LedgerError: the run is not in the ledger, or has ended already.
+    """
+    from workflows_celery.ledger import require_ledger
+    from workflows_celery.transport import CeleryTransport
+
+    record = require_ledger(app).cancel(run_id)
+    CeleryTransport(app).broadcast(COMMAND_TOPIC, {"command": CANCEL_COMMAND, "run": run_id})
+    return record
 
 
 def shutdown_command(target: str, worker: str | None = None) -> dict[str, Any]:
@@ -102,8 +126,11 @@ class CommandListener:
         self.transport.disconnect()
 
     def on_command(self, header: Mapping[str, Any], message: Any) -> None:
-        """Stop the services a command names; stop the worker when none is left here."""
+        """Note a cancelled run, or stop the services a command names and the worker when none is left here."""
         if not isinstance(message, dict):
+            return
+        if message.get("command") == CANCEL_COMMAND:
+            self._note_cancelled(message.get("run"))
             return
         state = self.state
         targets = matching_hosts(state.hosts, message, state.worker_fields.get("worker"))
@@ -129,6 +156,15 @@ class CommandListener:
             logger.info("Worker %s stops reading %s", worker, destination)
             if worker:
                 self.app.control.cancel_consumer(destination.name, destination=[worker])
+
+
+    def _note_cancelled(self, run_id: Any) -> None:
+        from workflows_celery.ledger import ledger_for
+
+        recorder = ledger_for(self.app)
+        if isinstance(run_id, str) and recorder is not None:
+            logger.info("Run %s was cancelled; its messages are dropped from now on", run_id)
+            recorder.note_cancelled(run_id)
 
 
 def warm_shutdown(pid: int) -> Callable[[], None]:

@@ -72,6 +72,11 @@ LEDGER_SOCKET_TIMEOUT_S = 5.0
 #: Seconds between two warnings that the ledger cannot be reached.
 WARNING_INTERVAL_S = 60.0
 
+#: Seconds between two reads of the cancelled runs by a worker process. The
+#: cancel broadcast reaches running workers at once; the read catches workers
+#: that started later or missed the broadcast while the broker was away.
+CANCELLED_REFRESH_S = 5.0
+
 #: States of a run.
 RUNNING = "running"
 FINISHED = "finished"
@@ -280,6 +285,10 @@ class Ledger:
         self.url = url
         self.ttl_s = int(ttl_s)
         self._index = f"workflows.runs.{namespace}" if namespace else "workflows.runs"
+        self._cancelled_index = f"workflows.cancelled.{namespace}" if namespace else "workflows.cancelled"
+        self._cancelled: set[str] = set()
+        self._cancelled_read_at = 0.0
+        self._cancelled_lock = threading.Lock()
         self.client = redis.Redis.from_url(
             url,
             socket_timeout=LEDGER_SOCKET_TIMEOUT_S,
@@ -370,15 +379,37 @@ class Ledger:
     # -- Cancelling ------------------------------------------------------------------
 
     def is_cancelled(self, run_id: str) -> bool:
-        """Tell whether the run was cancelled; False when the ledger cannot be reached."""
-        try:
-            return self.client.hget(self._keys(run_id)[0], "state") == CANCELLED.encode()
-        except redis.RedisError as error:
-            self._warn("Cannot read run %s from the ledger %s: %s", run_id, mask_url(self.url), error)
-            return False
+        """Tell whether this process knows the run to be cancelled.
+
+        Like Celery's ``revoke``, a cancel reaches workers as a broadcast
+        (:func:`workflows_celery.control.cancel_run`), which calls
+        :meth:`note_cancelled`. The cancelled runs are also read from Redis at
+        most every ``CANCELLED_REFRESH_S``, so the check costs no round trip
+        per step.
+        """
+        now = time.monotonic()
+        if now - self._cancelled_read_at >= CANCELLED_REFRESH_S:
+            self._cancelled_read_at = now
+            try:
+                since = time.time() - self.ttl_s
+                members = self.client.zrangebyscore(self._cancelled_index, since, "+inf")
+            except redis.RedisError as error:
+                self._warn("Cannot read the cancelled runs from the ledger %s: %s", mask_url(self.url), error)
+            else:
+                with self._cancelled_lock:
+                    self._cancelled |= {m.decode() if isinstance(m, bytes) else str(m) for m in members}
+        return run_id in self._cancelled
+
+    def note_cancelled(self, run_id: str) -> None:
+        """Remember in this process that the run was cancelled."""
+        with self._cancelled_lock:
+            self._cancelled.add(run_id)
 
     def cancel(self, run_id: str) -> RunRecord:
-        """Cancel a run: its messages are dropped when workers take them.
+        """Mark a run cancelled in the ledger.
+
+        Workers learn of it from the ledger within ``CANCELLED_REFRESH_S``;
+        :func:`workflows_celery.control.cancel_run` also tells them at once.
 
         Raises:
             LedgerError: the run is not in the ledger, or has ended already.
@@ -386,7 +417,13 @@ class Ledger:
         record = self.get(run_id)
         if record.state in (FINISHED, FAILED):
             raise LedgerError(f"Run {run_id} has already {record.state}; there is nothing to cancel")
-        self.client.hset(self._keys(run_id)[0], mapping={"state": CANCELLED, "cancelled_at": time.time()})
+        now = time.time()
+        with self.client.pipeline(transaction=True) as pipeline:
+            pipeline.hset(self._keys(run_id)[0], mapping={"state": CANCELLED, "cancelled_at": now})
+            pipeline.zadd(self._cancelled_index, {run_id: now})
+            pipeline.zremrangebyscore(self._cancelled_index, "-inf", now - self.ttl_s)
+            pipeline.execute()
+        self.note_cancelled(run_id)
         return self.get(run_id)
 
     # -- Reading ---------------------------------------------------------------------

@@ -38,7 +38,8 @@ def add_commands(commands: Any) -> None:
         help="stop a run",
         description=(
             "Cancel a run: workers drop its queued and delayed messages when they take "
-            "them, so no further step starts. Steps already running finish."
+            "them, so no further step starts. Steps already running finish. As with "
+            "Celery's revoke, workers hear of it through a broadcast."
         ),
     )
     add_broker_option(cancel, "Celery broker URL (default: CELERY_BROKER_URL)")
@@ -82,9 +83,10 @@ def command_runs(args: argparse.Namespace) -> int:
 
 def command_cancel(args: argparse.Namespace) -> int:
     """Cancel a run."""
-    ledger = require_ledger(broker_app(args))
+    from workflows_celery.control import cancel_run
+
     try:
-        record = ledger.cancel(args.run_id)
+        record = cancel_run(broker_app(args), args.run_id)
     except LedgerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
