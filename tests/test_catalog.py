@@ -18,6 +18,7 @@ from workflows_celery.constants import DISPATCHER_QUEUE, SETTING_RECIPE_DIR
 from workflows_celery.dispatcher import RecipeDispatcher
 from workflows_celery.errors import (
     InvalidRecipeError,
+    InvalidRunIdError,
     InvalidStartRequestError,
     RecipeNotFoundError,
     TransportNotConnectedError,
@@ -252,3 +253,9 @@ def test_pickup_stops_when_broker_unreachable(tmp_path: Path, recipes: Path) -> 
     with pytest.raises(TransportNotConnectedError):
         list(pick_up(spool, app))
     assert spooled_files(spool) == [path]
+
+
+@pytest.mark.parametrize("run_id", ["run/one", "../x", " ", "a b", "x" * 129])
+def test_unusable_run_id_rejected(recipes: Path, run_id: str) -> None:
+    with pytest.raises(InvalidRunIdError, match="Invalid run ID"):
+        build_recipe(StartRequest(["notify"], {"uuid": run_id}), recipes)

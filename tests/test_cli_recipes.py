@@ -150,3 +150,16 @@ def test_pickup_with_empty_spool(tmp_path: Path) -> None:
 
     assert result.returncode == 0
     assert "No spooled runs in" in result.stdout
+
+
+def test_unusable_run_id_neither_sent_nor_spooled(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    path = write_recipe(tmp_path, "id.json", {"1": {"queue": "tests.cli.id"}, "start": [[1, {}]]})
+    result = run_command(
+        "run", path, "-p", "uuid=run/one", "--broker", UNREACHABLE_BROKER, "--spool-dir", str(spool)
+    )
+
+    assert result.returncode == 1
+    assert "Invalid run ID 'run/one'" in result.stderr
+    assert spooled_files(spool) == []
+

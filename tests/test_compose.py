@@ -90,6 +90,11 @@ KNOWN_VARIABLES = {
         "the RecipeDispatcher service and 'workflows-celery run NAME' read named "
         "recipes from it (docs/configuration.md)",
     ),
+    "WORKFLOWS_CELERY_LEDGER_URL": Variable(
+        frozenset({"celery", "flask"}),
+        "setup_app sets workflows_ledger_url from it, so runs are recorded with a "
+        "RabbitMQ broker too (docs/configuration.md)",
+    ),
     "FLOWER_BASIC_AUTH": Variable(
         frozenset({"flower"}),
         "flower's apply_env_options maps FLOWER_<option> to its basic_auth option",

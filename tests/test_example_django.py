@@ -4,8 +4,9 @@ Django is configured once for this module from the example's own settings,
 with the broker and the recipe folder overridden. One ``celery -A proj worker``
 subprocess, started in examples/django without ``--services``, hosts
 SamplePipethrough because the example's CELERY_WORKFLOWS_SERVICES setting
-names it. Each run ends on a queue of the test's own, which the test reads to
-see that the run reached its last node.
+names it. Most runs end on a queue of the test's own, which the test reads to
+see that the run reached its last node. The run state view reads the run
+ledger, which is in the broker's Redis.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from workers import (
     REPO_ROOT,
     WORKER_READY_TIMEOUT_S,
     WorkerProcess,
+    check_one_step_run,
     exclusive_sample_queues,
     purge_queues,
 )
@@ -62,6 +64,20 @@ PUBLISH_LIMIT_S = 2.0
 #: Seconds the subprocess of the import check may take.
 SUBPROCESS_TIMEOUT_S = 60.0
 
+#: Seconds that ``GET /runs/<id>/?wait=`` waits for a run on the worker to end.
+STATE_WAIT_S = 20
+
+#: Seconds that the state view may take beyond the wait it was asked for.
+STATE_OVERHEAD_S = 1.0
+
+#: Environment variables that the example's settings read, which the tests set themselves.
+SETTINGS_VARIABLES = (
+    "CELERY_BROKER_URL",
+    "RECIPE_DIR",
+    "CELERY_WORKFLOWS_LEDGER_URL",
+    "DJANGO_TIME_ZONE",
+)
+
 #: Two steps: SamplePipethrough on the worker, then the test's own queue.
 RELAY_RECIPE = {
     "1": {
@@ -71,6 +87,12 @@ RELAY_RECIPE = {
         "output": 2,
     },
     "2": {"service": "Test reply", "queue": "{reply_queue}"},
+    "start": [[1, {"sample": "{sample}"}]],
+}
+
+#: One SamplePipethrough step with no output, so the run ends on the worker.
+ONE_STEP_RECIPE = {
+    "1": {"service": "Message Pipethrough", "queue": DESTINATION_QUEUE},
     "start": [[1, {"sample": "{sample}"}]],
 }
 
@@ -89,6 +111,7 @@ def recipe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder.mkdir()
     (folder / "relay.json").write_text(json.dumps(RELAY_RECIPE))
     (folder / "direct.json").write_text(json.dumps(DIRECT_RECIPE))
+    (folder / "one-step.json").write_text(json.dumps(ONE_STEP_RECIPE))
     (root / "outside.json").write_text(json.dumps(DIRECT_RECIPE))
     return folder
 
@@ -100,9 +123,9 @@ def django_project(recipe_dir: Path) -> Iterator[Celery]:
         patch.syspath_prepend(str(EXAMPLE_DIR))
         patch.setenv("DJANGO_SETTINGS_MODULE", "proj.settings")
         # Celery prefers CELERY_BROKER_URL from the environment to any setting,
-        # and the settings module reads RECIPE_DIR, so both are left unset.
-        patch.delenv("CELERY_BROKER_URL", raising=False)
-        patch.delenv("RECIPE_DIR", raising=False)
+        # and the settings module reads the others, so all are left unset.
+        for variable in SETTINGS_VARIABLES:
+            patch.delenv(variable, raising=False)
         # Creating the example's app makes it Celery's current app, which later
         # modules must not inherit.
         previous_app = celery.current_app._get_current_object()
@@ -270,7 +293,7 @@ def test_unknown_recipe_lists_available() -> None:
     response = post_run({"recipe": "no-such-recipe"})
 
     assert response.status_code == 404
-    assert "available recipes: direct, relay" in response.json()["error"]
+    assert "available recipes: direct, one-step, relay" in response.json()["error"]
 
 
 @pytest.mark.parametrize(
@@ -297,10 +320,108 @@ def test_post_rejects_other_content_type() -> None:
     assert "application/json" in response.json()["error"]
 
 
-def test_get_is_not_allowed() -> None:
-    response = Client().get("/runs/")
+def check_json_error(response: Any, status: int, fragment: str) -> None:
+    """Check that ``response`` is a JSON error with ``status`` and ``fragment`` in its message."""
+    assert response.status_code == status, response.content
+    assert response["Content-Type"] == "application/json"
+    assert fragment in response.json()["error"]
 
-    assert response.status_code == 405
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("get", "/runs/", "POST"),
+        ("get", "/runs", "POST"),
+        ("put", "/runs/", "POST"),
+        ("post", "/runs/abc/", "GET, HEAD"),
+        ("delete", "/runs/abc", "GET, HEAD"),
+    ],
+)
+def test_wrong_method_is_json(method: str, path: str, allowed: str) -> None:
+    response = getattr(Client(), method)(path)
+
+    check_json_error(response, 405, f"method {method.upper()} is not allowed on {path}")
+    assert response["Allow"] == allowed
+
+
+@pytest.mark.parametrize("path", ["/", "/nope", "/runs/a/b/", "/runs/abc/steps"])
+def test_unknown_url_is_json(path: str) -> None:
+    response = Client().get(path)
+
+    check_json_error(response, 404, f"no route {path}")
+
+
+def test_post_without_trailing_slash_starts(redis_harness: Harness) -> None:
+    queue, recorder = listen(redis_harness)
+
+    response = Client().post(
+        "/runs",
+        {"recipe": "direct", "parameters": {"sample": "x", "reply_queue": queue}},
+        content_type="application/json",
+    )
+
+    assert response.status_code == 202, response.content
+    message = wait_for_message(recorder, RUN_TIMEOUT_S)
+    assert message["environment"]["ID"] == response.json()["run_id"]
+
+
+# -- The state of a run ---------------------------------------------------------------------
+
+
+def test_run_state_after_worker_ran_it(worker: WorkerProcess, redis_harness: Harness) -> None:
+    response = post_run({"recipe": "one-step", "parameters": {"sample": redis_harness.suffix}})
+    assert response.status_code == 202, response.content
+    run_id = response.json()["run_id"]
+
+    state = Client().get(f"/runs/{run_id}/", {"wait": STATE_WAIT_S})
+
+    assert state.status_code == 200, state.content
+    assert state["Content-Type"] == "application/json"
+    check_one_step_run(state.json(), run_id, worker)
+
+
+def test_run_state_wait_ends_on_time(redis_harness: Harness) -> None:
+    # No worker reads the test's own queue, so the run cannot end while the view waits.
+    queue = redis_harness.queue("reply")
+    response = post_run({"recipe": "direct", "parameters": {"sample": "x", "reply_queue": queue}})
+    run_id = response.json()["run_id"]
+    wait_s = 1.0
+
+    started = time.monotonic()
+    state = Client().get(f"/runs/{run_id}", {"wait": wait_s})
+    elapsed_s = time.monotonic() - started
+
+    assert state.status_code == 200, state.content
+    record = state.json()
+    assert record["state"] == "running"
+    assert record["in_flight"] == 1
+    assert record["steps"] == []
+    assert wait_s <= elapsed_s < wait_s + STATE_OVERHEAD_S
+
+
+def test_run_state_unknown_run() -> None:
+    response = Client().get(f"/runs/{uuid.uuid4()}/")
+
+    check_json_error(response, 404, "no run")
+    assert "7 days" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "run_id",
+    ["bad*id", "a.b", "-leading-dash", "x" * 129, "run%00id", "run%20id", "%E2%9C%93"],
+    ids=["star", "dot", "leading-dash", "too-long", "nul", "space", "non-ascii"],
+)
+def test_run_state_invalid_run_id(run_id: str) -> None:
+    response = Client().get(f"/runs/{run_id}/")
+
+    check_json_error(response, 400, "invalid run ID")
+
+
+@pytest.mark.parametrize("wait", ["-1", "31", "abc", "nan", "inf", ""])
+def test_run_state_invalid_wait(wait: str) -> None:
+    response = Client().get(f"/runs/{uuid.uuid4()}/", {"wait": wait})
+
+    check_json_error(response, 400, f"invalid wait {wait!r}")
 
 
 # -- The management command's errors ------------------------------------------------------
@@ -308,7 +429,7 @@ def test_get_is_not_allowed() -> None:
 
 def test_command_unknown_recipe_fails() -> None:
     with pytest.raises(
-        CommandError, match=r"unknown recipe 'nope'; available recipes: direct, relay"
+        CommandError, match=r"unknown recipe 'nope'; available recipes: direct, one-step, relay"
     ):
         call_command("start_recipe", "nope", stdout=io.StringIO())
 
@@ -336,6 +457,14 @@ def test_settings_reach_celery(django_project: Celery) -> None:
     assert conf.workflows_services == ["SamplePipethrough"]
     assert conf.broker_url == REDIS_URL
     assert conf.broker_transport_options["socket_connect_timeout"] == 2
+    assert conf.workflows_ledger_url is None
+
+
+def test_time_zone_is_utc(django_project: Celery) -> None:
+    assert settings.TIME_ZONE == "UTC"
+    assert django_project.conf.timezone == "UTC"
+    # Django moves TIME_ZONE into the process's clock.
+    assert time.strftime("%Z") == "UTC"
 
 
 # -- The web process and the command in processes of their own ---------------------------
@@ -345,8 +474,9 @@ def test_settings_reach_celery(django_project: Celery) -> None:
 # keeps its pool of producers for the broker it first used.
 
 #: Run in a fresh interpreter as the web process: load the WSGI application,
-#: POST the body given as argument, then print the response and what the
-#: process imported.
+#: make the requests given as a JSON list of [method, path, body] in the
+#: argument, then print the responses and what the process imported. A path
+#: may contain {run_id}, the run ID of the latest response that had one.
 WEB_PROCESS = """
 import json, sys, time
 from proj.wsgi import application
@@ -355,9 +485,20 @@ from django.test.utils import setup_test_environment
 from workflows.services.common_service import CommonService
 
 setup_test_environment()
-started = time.monotonic()
-response = Client().post("/runs/", sys.argv[1], content_type="application/json")
-elapsed_s = time.monotonic() - started
+client = Client()
+responses = []
+run_id = None
+for method, path, body in json.loads(sys.argv[1]):
+    started = time.monotonic()
+    if method == "POST":
+        response = client.post(path, json.dumps(body), content_type="application/json")
+    else:
+        response = client.get(path.format(run_id=run_id))
+    elapsed_s = time.monotonic() - started
+    run_id = response.json().get("run_id", run_id)
+    responses.append({
+        "status": response.status_code, "body": response.json(), "elapsed_s": elapsed_s
+    })
 
 def subclasses(cls):
     for sub in cls.__subclasses__():
@@ -365,9 +506,7 @@ def subclasses(cls):
         yield from subclasses(sub)
 
 print(json.dumps({
-    "status": response.status_code,
-    "body": response.json(),
-    "elapsed_s": elapsed_s,
+    "responses": responses,
     "services": sorted(
         f"{cls.__module__}:{cls.__qualname__}"
         for cls in subclasses(CommonService)
@@ -379,18 +518,27 @@ print(json.dumps({
 """
 
 
-def example_environment(broker_url: str, recipe_dir: Path) -> dict[str, str]:
+def example_environment(
+    broker_url: str, recipe_dir: Path, extra: dict[str, str] | None = None
+) -> dict[str, str]:
     """Return the environment of a process of the example with this broker and recipe folder."""
+    inherited = {
+        name: value for name, value in os.environ.items() if name not in SETTINGS_VARIABLES
+    }
     return {
-        **os.environ,
+        **inherited,
         "DJANGO_SETTINGS_MODULE": "proj.settings",
         "CELERY_BROKER_URL": broker_url,
         "RECIPE_DIR": str(recipe_dir),
+        **(extra or {}),
     }
 
 
 def run_in_example(
-    arguments: list[str], broker_url: str, recipe_dir: Path
+    arguments: list[str],
+    broker_url: str,
+    recipe_dir: Path,
+    extra_environment: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run Python with ``arguments`` in examples/django and return the finished process.
 
@@ -401,16 +549,23 @@ def run_in_example(
         [sys.executable, *arguments],
         check=False,
         cwd=EXAMPLE_DIR,
-        env=example_environment(broker_url, recipe_dir),
+        env=example_environment(broker_url, recipe_dir, extra_environment),
         capture_output=True,
         text=True,
         timeout=SUBPROCESS_TIMEOUT_S,
     )
 
 
-def post_in_web_process(body: dict[str, Any], broker_url: str, recipe_dir: Path) -> dict[str, Any]:
-    """POST ``body`` in a fresh web process and return its report (see ``WEB_PROCESS``)."""
-    result = run_in_example(["-c", WEB_PROCESS, json.dumps(body)], broker_url, recipe_dir)
+def requests_in_web_process(
+    requests: list[tuple[str, str, Any]],
+    broker_url: str,
+    recipe_dir: Path,
+    extra_environment: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Make ``requests`` in a fresh web process and return its report (see ``WEB_PROCESS``)."""
+    result = run_in_example(
+        ["-c", WEB_PROCESS, json.dumps(requests)], broker_url, recipe_dir, extra_environment
+    )
     assert result.returncode == 0, result.stderr
     report: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     return report
@@ -420,9 +575,15 @@ def test_web_process_imports_no_service_code(recipe_dir: Path, redis_harness: Ha
     queue = redis_harness.queue("reply")
     body = {"recipe": "direct", "parameters": {"sample": "x", "reply_queue": queue}}
 
-    report = post_in_web_process(body, REDIS_URL, recipe_dir)
+    report = requests_in_web_process(
+        [("POST", "/runs/", body), ("GET", "/runs/{run_id}/?wait=0.1", None)], REDIS_URL, recipe_dir
+    )
 
-    assert report["status"] == 202, report["body"]
+    started, state = report["responses"]
+    assert started["status"] == 202, started["body"]
+    assert state["status"] == 200, state["body"]
+    assert state["body"]["run_id"] == started["body"]["run_id"]
+    assert state["body"]["state"] == "running"
     assert report["services"] == []
     assert report["modules"] == []
 
@@ -431,11 +592,28 @@ def test_broker_unreachable_returns_503(recipe_dir: Path) -> None:
     unused = f"redis://127.0.0.1:{free_port()}/0"
     body = {"recipe": "direct", "parameters": {"sample": "x", "reply_queue": "unused"}}
 
-    report = post_in_web_process(body, unused, recipe_dir)
+    report = requests_in_web_process([("POST", "/runs/", body)], unused, recipe_dir)
 
-    assert report["status"] == 503, report["body"]
-    assert "unreachable" in report["body"]["error"]
-    assert report["elapsed_s"] < BROKER_DOWN_LIMIT_S
+    (response,) = report["responses"]
+    assert response["status"] == 503, response["body"]
+    assert "unreachable" in response["body"]["error"]
+    assert response["elapsed_s"] < BROKER_DOWN_LIMIT_S
+
+
+def test_ledger_unreachable_returns_503(recipe_dir: Path) -> None:
+    unused = f"redis://127.0.0.1:{free_port()}/0"
+
+    report = requests_in_web_process(
+        [("GET", f"/runs/{uuid.uuid4()}/?wait=5", None)],
+        REDIS_URL,
+        recipe_dir,
+        {"CELERY_WORKFLOWS_LEDGER_URL": unused},
+    )
+
+    (response,) = report["responses"]
+    assert response["status"] == 503, response["body"]
+    assert "run ledger is unreachable" in response["body"]["error"]
+    assert response["elapsed_s"] < STATE_OVERHEAD_S
 
 
 def test_command_broker_unreachable_fails(recipe_dir: Path) -> None:

@@ -36,6 +36,7 @@ from workers import (
     REPO_ROOT,
     WORKER_READY_TIMEOUT_S,
     WorkerProcess,
+    check_one_step_run,
     exclusive_sample_queues,
     purge_queues,
 )
@@ -59,6 +60,10 @@ START_TIMEOUT_S = 2.0
 BROKER_DOWN_TIMEOUT_S = 5.0
 #: Seconds a subprocess that imports the example may take.
 SUBPROCESS_TIMEOUT_S = 30.0
+#: Seconds that ``GET /runs/<id>?wait=`` waits for a run on the worker to end.
+STATE_WAIT_S = 20
+#: Seconds that the state view may take beyond the wait it was asked for.
+STATE_OVERHEAD_S = 1.0
 
 #: Celery reads this variable before its ``broker_url`` setting, so it would
 #: override the broker that the tests configure.
@@ -74,6 +79,11 @@ RECIPES: dict[str, dict[str, Any]] = {
             "output": 2,
         },
         "2": {"service": "Test reply", "queue": "{reply_queue}"},
+        "start": [[1, {"sample": "{sample}"}]],
+    },
+    # One SamplePipethrough step with no output, so the run ends on the worker.
+    "one-step": {
+        "1": {"service": "Message Pipethrough", "queue": DESTINATION_QUEUE},
         "start": [[1, {"sample": "{sample}"}]],
     },
     # One step on a queue that no worker reads.
@@ -211,8 +221,10 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def run_example_script(script: str, *args: str, env: dict[str, str] | None = None) -> Any:
-    """Run Python code in examples/flask in a new interpreter and return the JSON it prints."""
+def run_example_process(
+    script: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run Python code in examples/flask in a new interpreter and check that it succeeded."""
     environment = {
         key: value for key, value in os.environ.items() if key != CELERY_BROKER_VARIABLE
     }
@@ -229,7 +241,20 @@ def run_example_script(script: str, *args: str, env: dict[str, str] | None = Non
         f"script failed with exit code {completed.returncode}\n"
         f"--- stdout ---\n{completed.stdout}\n--- stderr ---\n{completed.stderr}"
     )
+    return completed
+
+
+def run_example_script(script: str, *args: str, env: dict[str, str] | None = None) -> Any:
+    """Run Python code in examples/flask in a new interpreter and return the JSON it prints."""
+    completed = run_example_process(script, *args, env=env)
     return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def check_json_error(response: Any, status: int, fragment: str) -> None:
+    """Check that ``response`` is a JSON error with ``status`` and ``fragment`` in its message."""
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/json"
+    assert fragment in response.get_json()["error"]
 
 
 # -- Starting runs ------------------------------------------------------------
@@ -298,12 +323,15 @@ app = create_app({
     "CELERY": {"broker_url": sys.argv[1], "workflows_services": ["SamplePipethrough"]},
     "RECIPE_FOLDER": sys.argv[2],
 })
-response = app.test_client().post(
-    "/runs", json={"recipe": "unread", "parameters": {"queue": sys.argv[3]}}
-)
+client = app.test_client()
+response = client.post("/runs", json={"recipe": "unread", "parameters": {"queue": sys.argv[3]}})
+run_id = response.get_json()["run_id"]
+state = client.get(f"/runs/{run_id}?wait=0.1")
 services = sorted({entry.module for entry in entry_points(group="workflows.services")})
 print(json.dumps({
     "status": response.status_code,
+    "state_status": state.status_code,
+    "state": state.get_json()["state"],
     "configured": app.extensions["celery"].conf.workflows_services,
     "services": services,
     "imported": [name for name in services if name in sys.modules],
@@ -313,9 +341,33 @@ print(json.dumps({
     result = run_example_script(script, REDIS_URL, str(recipe_folder), queue)
 
     assert result["status"] == 202
+    assert result["state_status"] == 200
+    assert result["state"] == "running"
     assert result["configured"] == ["SamplePipethrough"]
     assert "workflows.services.sample_pipethrough" in result["services"]
     assert result["imported"] == []
+
+
+def test_web_process_logs_started_run(recipe_folder: Path, harness: Harness) -> None:
+    # Logging as `flask run` leaves it: nothing configured but Flask's own handler.
+    script = """
+import json, sys
+from flask_runs import create_app
+
+app = create_app({"CELERY": {"broker_url": sys.argv[1]}, "RECIPE_FOLDER": sys.argv[2]})
+response = app.test_client().post(
+    "/runs", json={"recipe": "unread", "parameters": {"queue": sys.argv[3]}}
+)
+print(json.dumps(response.get_json()))
+"""
+
+    completed = run_example_process(
+        script, REDIS_URL, str(recipe_folder), harness.queue("logged")
+    )
+
+    run_id = json.loads(completed.stdout.strip().splitlines()[-1])["run_id"]
+    assert f"INFO in runs: Started run {run_id} of recipe unread" in completed.stderr
+    assert completed.stderr.count(run_id) == 1, completed.stderr
 
 
 def test_worker_module_reads_prefixed_environment(tmp_path: Path) -> None:
@@ -478,3 +530,156 @@ def test_post_runs_broker_unreachable(recipe_folder: Path) -> None:
     assert response.status_code == 503
     assert "broker cannot be reached" in response.get_json()["error"]
     assert elapsed_s < BROKER_DOWN_TIMEOUT_S
+
+
+# -- The state of a run -------------------------------------------------------
+
+
+def test_run_state_after_worker_ran_it(
+    client: FlaskClient, worker: WorkerProcess, unique: str
+) -> None:
+    response = client.post(
+        "/runs", json={"recipe": "one-step", "parameters": {"sample": f"lysozyme-{unique}"}}
+    )
+    assert response.status_code == 202, response.get_data(as_text=True)
+    run_id = response.get_json()["run_id"]
+
+    state = client.get(f"/runs/{run_id}?wait={STATE_WAIT_S}")
+
+    assert state.status_code == 200, state.get_data(as_text=True)
+    check_one_step_run(state.get_json(), run_id, worker)
+
+
+def test_run_state_without_wait_is_immediate(client: FlaskClient, harness: Harness) -> None:
+    queue = harness.queue("unread")
+    run_id = client.post(
+        "/runs", json={"recipe": "unread", "parameters": {"queue": queue}}
+    ).get_json()["run_id"]
+
+    state = client.get(f"/runs/{run_id}")
+
+    assert state.status_code == 200, state.get_data(as_text=True)
+    record = state.get_json()
+    assert record["state"] == "running"
+    assert record["in_flight"] == 1
+    assert record["steps"] == []
+
+
+def test_run_state_wait_ends_on_time(client: FlaskClient, harness: Harness) -> None:
+    # No worker reads the queue, so the run cannot end while the view waits.
+    queue = harness.queue("unread")
+    run_id = client.post(
+        "/runs", json={"recipe": "unread", "parameters": {"queue": queue}}
+    ).get_json()["run_id"]
+    wait_s = 1.0
+
+    started = time.monotonic()
+    state = client.get(f"/runs/{run_id}?wait={wait_s}")
+    elapsed_s = time.monotonic() - started
+
+    assert state.status_code == 200, state.get_data(as_text=True)
+    assert state.get_json()["state"] == "running"
+    assert wait_s <= elapsed_s < wait_s + STATE_OVERHEAD_S
+
+
+def test_run_state_unknown_run(client: FlaskClient) -> None:
+    response = client.get(f"/runs/{uuid.uuid4()}")
+
+    check_json_error(response, 404, "no run")
+    assert "7 days" in response.get_json()["error"]
+
+
+@pytest.mark.parametrize(
+    "run_id",
+    ["bad*id", "a.b", "-leading-dash", "x" * 129, "run%00id", "run%20id", "%E2%9C%93"],
+    ids=["star", "dot", "leading-dash", "too-long", "nul", "space", "non-ascii"],
+)
+def test_run_state_invalid_run_id(client: FlaskClient, run_id: str) -> None:
+    response = client.get(f"/runs/{run_id}")
+
+    check_json_error(response, 400, "invalid run ID")
+
+
+def test_run_state_path_with_slash_not_found(client: FlaskClient) -> None:
+    response = client.get("/runs/a/b")
+
+    check_json_error(response, 404, "no route /runs/a/b")
+
+
+@pytest.mark.parametrize("wait", ["-1", "31", "abc", "nan", "inf", ""])
+def test_run_state_invalid_wait(client: FlaskClient, wait: str) -> None:
+    response = client.get(f"/runs/{uuid.uuid4()}?wait={wait}")
+
+    check_json_error(response, 400, f"invalid wait {wait!r}")
+
+
+def test_run_state_ledger_unreachable(recipe_folder: Path) -> None:
+    app = create_app(
+        {
+            "TESTING": True,
+            "CELERY": {
+                "broker_url": REDIS_URL,
+                "workflows_ledger_url": f"redis://127.0.0.1:{free_port()}/0",
+            },
+            "RECIPE_FOLDER": str(recipe_folder),
+        }
+    )
+
+    started = time.monotonic()
+    response = app.test_client().get(f"/runs/{uuid.uuid4()}?wait=5")
+    elapsed_s = time.monotonic() - started
+    app.extensions["celery"].close()
+
+    check_json_error(response, 503, "run ledger cannot be reached")
+    assert elapsed_s < STATE_OVERHEAD_S
+
+
+def test_run_state_without_ledger(recipe_folder: Path) -> None:
+    app = create_app(
+        {
+            "TESTING": True,
+            "CELERY": {"broker_url": REDIS_URL, "workflows_ledger": False},
+            "RECIPE_FOLDER": str(recipe_folder),
+        }
+    )
+
+    response = app.test_client().get(f"/runs/{uuid.uuid4()}")
+    app.extensions["celery"].close()
+
+    check_json_error(response, 501, "no run ledger")
+
+
+# -- Errors of the app itself -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [("GET", "/runs", "POST"), ("PUT", "/runs", "POST"), ("POST", "/runs/abc", "GET")],
+)
+def test_wrong_method_is_json(client: FlaskClient, method: str, path: str, allowed: str) -> None:
+    response = client.open(path, method=method)
+
+    check_json_error(response, 405, f"method {method} is not allowed on {path}; use {allowed}")
+    assert allowed in response.headers["Allow"]
+
+
+@pytest.mark.parametrize("path", ["/", "/nope", "/runs/"])
+def test_unknown_url_is_json(client: FlaskClient, path: str) -> None:
+    response = client.post(path, json={"recipe": "unread"})
+
+    check_json_error(response, 404, f"no route {path}")
+
+
+def test_unhandled_exception_is_json(recipe_folder: Path) -> None:
+    # Without TESTING, Flask turns an exception into a 500 instead of raising it.
+    app = create_app({"CELERY": {"broker_url": REDIS_URL}, "RECIPE_FOLDER": str(recipe_folder)})
+
+    @app.get("/fails")
+    def fails() -> None:
+        raise RuntimeError("a bug in a view")
+
+    response = app.test_client().get("/fails")
+    app.extensions["celery"].close()
+
+    check_json_error(response, 500, "Internal Server Error")
+    assert "a bug in a view" not in response.get_data(as_text=True)

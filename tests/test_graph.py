@@ -15,7 +15,7 @@ from test_cli import run_command, write_recipe
 from workflows.recipe import Recipe
 from workflows.recipe.wrapper import RecipeWrapper
 
-from workflows_celery import recipe_step
+from workflows_celery import recipe_step, start_recipe
 from workflows_celery.constants import SETTING_LEDGER_URL
 from workflows_celery.graph import recipe_dot
 from workflows_celery.ledger import require_ledger
@@ -149,3 +149,34 @@ def test_missing_dot_explained(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "Graphviz's 'dot' program is not on the PATH" in result.stderr
+
+
+def test_missing_output_folder_explained(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path, "spots.json", RECIPE)
+    result = run_command("graph", path, "-o", str(tmp_path / "absent" / "spots.dot"))
+
+    assert result.returncode == 1
+    assert "check that its folder exists" in result.stderr
+
+
+@pytest.mark.redis
+def test_run_of_other_recipe_warned(workflows_harness: WorkflowsHarness, redis_url: str, tmp_path: Path) -> None:
+    run_id = start_recipe(RECIPE, app=workflows_harness.app, origin="spots.json")
+    require_ledger(workflows_harness.app).wait(run_id, 30)
+    other = write_recipe(tmp_path, "other.json", RECIPE)
+
+    result = run_command("graph", other, "--run", run_id, "--broker", redis_url)
+
+    assert result.returncode == 0, result.stderr
+    assert f"warning: run {run_id} was started from 'spots.json', not '{other}'" in result.stderr
+
+
+def test_merged_recipes_drawn_together() -> None:
+    result = run_command(
+        "graph", "pipethrough", "spot-finding", "--recipe-dir", str(REPOSITORY / "examples" / "recipes")
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert 'label="pipethrough + spot-finding"' in result.stdout
+    # The second recipe's nodes come after the first one's four.
+    assert "5: Find spots" in result.stdout

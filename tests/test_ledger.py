@@ -22,7 +22,7 @@ from test_cli import run_command, write_recipe
 from workers import WorkerProcess
 from workflows.recipe.wrapper import RecipeWrapper
 
-from workflows_celery import create_app, recipe_step, start_recipe
+from workflows_celery import CeleryTransport, create_app, recipe_step, start_recipe
 from workflows_celery.constants import SETTING_LEDGER, SETTING_LEDGER_URL
 from workflows_celery import ledger as ledger_module
 from workflows_celery.control import cancel_run
@@ -237,11 +237,22 @@ def test_ledger_needs_redis() -> None:
     off = create_app("redis://127.0.0.1:6379/0", main="tests.ledger.off")
     off.conf[SETTING_LEDGER] = False
     assert ledger_for(off) is None
+    with pytest.raises(ConfigurationError, match="The run ledger is off"):
+        require_ledger(off)
 
     wrong = create_app("memory://localhost/", main="tests.ledger.wrong")
     wrong.conf[SETTING_LEDGER_URL] = "amqp://127.0.0.1//"
     with pytest.raises(ConfigurationError, match="is not a Redis URL"):
         ledger_for(wrong)
+
+
+def test_ledger_url_from_environment(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKFLOWS_CELERY_LEDGER_URL", redis_url)
+    amqp_app = create_app("amqp://guest:guest@127.0.0.1:5672//", main="tests.ledger.environment")
+
+    recorder = ledger_for(amqp_app)
+    assert recorder is not None
+    assert recorder.url == redis_url
 
 
 def test_runs_commands_list_show_cancel(
@@ -272,14 +283,42 @@ def test_runs_commands_list_show_cancel(
 # -- A real worker -------------------------------------------------------------------
 
 
+#: Named recipes of the real worker's recipe folder.
+NAMED_RECIPES = {
+    "forward": {
+        "1": {"service": "Delayed forwarder", "queue": "test.forwarder", "output": 2},
+        "2": {"service": "Delayed forwarder", "queue": "test.forwarder"},
+        "start": [[1, {"delay": 0, "from": "forward"}]],
+    },
+    "reject": {
+        "1": {"service": "Rejector", "queue": "test.rejector"},
+        "start": [[1, {"from": "{sample}"}]],
+    },
+}
+
+
 @pytest.fixture
-def worker(redis_url: str, tmp_path: Path) -> Iterator[WorkerProcess]:
+def recipe_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    for name, recipe in NAMED_RECIPES.items():
+        (folder / f"{name}.json").write_text(json.dumps(recipe))
+    return folder
+
+
+@pytest.fixture
+def worker(redis_url: str, tmp_path: Path, recipe_dir: Path) -> Iterator[WorkerProcess]:
     process = WorkerProcess(
         redis_url,
-        ["tests.services_for_tests:Rejector", "tests.services_for_tests:DelayedForwarder"],
+        [
+            "tests.services_for_tests:Rejector",
+            "tests.services_for_tests:DelayedForwarder",
+            "RecipeDispatcher",
+        ],
         "solo",
         "workflows_celery",
         tmp_path,
+        env={"WORKFLOWS_CELERY_RECIPE_DIR": str(recipe_dir)},
     )
     process.start()
     try:
@@ -326,4 +365,52 @@ def test_real_worker_hears_cancel_broadcast(worker: WorkerProcess, redis_url: st
     record = ledger.wait(run_id, RUN_TIMEOUT_S)
     assert [(step.node, step.outcome) for step in record.steps] == [(1, STEP_DONE), (2, STEP_CANCELLED)]
     assert record.state == CANCELLED
+
+
+def test_real_worker_dispatches_zocalo_request(worker: WorkerProcess, redis_url: str) -> None:
+    app = create_app(redis_url, main="tests.ledger.zocalo")
+    ledger = require_ledger(app)
+    run_id = str(uuid.uuid4())
+    transport = CeleryTransport(app)
+    assert transport.connect()
+    try:
+        transport.send(
+            "processing_recipe",
+            {"recipes": ["forward", "reject"], "parameters": {"uuid": run_id, "sample": "lysozyme"}},
+        )
+        assert wait_for(lambda: _in_ledger(ledger, run_id), timeout_s=RUN_TIMEOUT_S), worker.describe()
+        record = ledger.wait(run_id, RUN_TIMEOUT_S)
+    finally:
+        transport.disconnect()
+
+    # The merged recipe: forward's two nodes, then reject's node as node 3.
+    assert record.state == FAILED
+    assert sorted((step.node, step.outcome) for step in record.steps) == [
+        (1, STEP_DONE),
+        (2, STEP_DONE),
+        (3, STEP_DEAD_LETTERED),
+    ]
+    assert record.edges == {(None, 1): 1, (None, 3): 1, (1, 2): 1}
+    assert record.origin == "forward + reject"
+
+
+def test_named_recipes_merged_on_broker(worker: WorkerProcess, redis_url: str, recipe_dir: Path) -> None:
+    result = run_command(
+        "run", "forward", "reject", "--recipe-dir", str(recipe_dir), "-p", "sample=x", "--broker", redis_url
+    )
+    assert result.returncode == 0, result.stderr
+    started = re.fullmatch(r"Started run ([0-9a-f-]{36}) of forward \+ reject on .*\n", result.stdout)
+    assert started is not None, result.stdout
+
+    record = require_ledger(create_app(redis_url, main="tests.ledger.named")).wait(started.group(1), RUN_TIMEOUT_S)
+    assert record.origin == "forward + reject"
+    assert sorted(step.node for step in record.steps) == [1, 2, 3]
+
+
+def _in_ledger(ledger: Ledger, run_id: str) -> bool:
+    try:
+        ledger.get(run_id, steps=False)
+    except LedgerError:
+        return False
+    return True
 

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kombu import Connection
@@ -235,3 +236,19 @@ def purge_queues(broker_url: str, *names: str) -> None:
             queue = routing.task_queue(name).bind(channel)
             queue.declare()
             queue.purge()
+
+
+def check_one_step_run(record: dict[str, Any], run_id: str, worker: WorkerProcess) -> None:
+    """Check a web example's record of a finished one-step run of the sample pass-through service."""
+    assert record["run_id"] == run_id
+    assert record["state"] == "finished", f"{record}\n{worker.describe()}"
+    assert record["origin"] == "one-step"
+    assert record["in_flight"] == 0
+    assert record["finished_at"] >= record["started_at"]
+    (step,) = record["steps"]
+    assert step["node"] == 1
+    assert step["service"] == "Message Pipethrough"
+    assert DESTINATION_QUEUE in step["destination"]
+    assert step["worker"].startswith(f"{worker.node_name}@")
+    assert step["outcome"] == "done"
+    assert record["edges"] == [{"from": None, "to": 1, "messages": 1}]

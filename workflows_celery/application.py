@@ -15,7 +15,9 @@ from workflows_celery.constants import (
     CONFIG_MODULE_VARIABLE,
     DEFAULT_APP_NAME,
     DEFAULT_PROCESS_START_TIMEOUT_S,
+    LEDGER_URL_VARIABLE,
     NAMESPACE_VARIABLE,
+    SETTING_LEDGER_URL,
     SETTING_NAMESPACE,
     SETTING_SERVICES,
     START_TASK_NAME,
@@ -70,6 +72,8 @@ def setup_app(app: Celery, *, services: Any = None) -> Celery:
         app.conf[SETTING_SERVICES] = services
     if app.conf.get(SETTING_NAMESPACE) is None and os.environ.get(NAMESPACE_VARIABLE):
         app.conf[SETTING_NAMESPACE] = os.environ[NAMESPACE_VARIABLE]
+    if app.conf.get(SETTING_LEDGER_URL) is None and os.environ.get(LEDGER_URL_VARIABLE):
+        app.conf[SETTING_LEDGER_URL] = os.environ[LEDGER_URL_VARIABLE]
     apply_broker_defaults(app)
     # Worker log lines about a step name its service, run ID and node.
     logcontext.install()

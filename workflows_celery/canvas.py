@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -20,12 +21,31 @@ from celery.canvas import Signature
 from workflows.recipe.wrapper import RecipeWrapper
 
 from workflows_celery.constants import STEP_TASK_NAME
+from workflows_celery.errors import InvalidRunIdError
 from workflows_celery.ledger import ledger_for
 from workflows_celery.messages import OutgoingMessage
 from workflows_celery.recipes import RecipeSource, prepare_recipe
 from workflows_celery.transport import CeleryTransport, route_options
 
 logger = logging.getLogger(__name__)
+
+
+#: Run IDs that callers may choose: they name Redis keys and spool files.
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+
+
+def check_run_id(run_id: Any) -> None:
+    """Check a run ID given by a caller (``environment["ID"]``, or the ``uuid`` parameter).
+
+    Raises:
+        InvalidRunIdError: it is not 1 to 128 letters, digits, ``_``, ``.``, ``:``
+            or ``-``, starting with a letter or digit.
+    """
+    if not isinstance(run_id, str) or _RUN_ID.fullmatch(run_id) is None:
+        raise InvalidRunIdError(
+            f"Invalid run ID {run_id!r}: use 1 to 128 letters, digits, '_', '.', ':' or '-', "
+            "starting with a letter or digit, or leave it out for a new UUID"
+        )
 
 
 def current_workflows_app() -> Celery:
@@ -61,6 +81,7 @@ def first_messages(
     prepared = prepare_recipe(recipe, parameters, origin=origin, allow_unresolved=allow_unresolved)
     run_environment = dict(environment or {})
     run_environment.setdefault("ID", str(uuid.uuid4()))
+    check_run_id(run_environment["ID"])
 
     transport = CeleryTransport(app, dry_run=True)
     transport.capture = []

@@ -31,6 +31,7 @@ from typing import Any
 from celery import Celery
 from workflows.recipe import Recipe
 
+from workflows_celery.canvas import check_run_id
 from workflows_celery.constants import RECIPE_DIR_VARIABLE, SETTING_RECIPE_DIR
 from workflows_celery.errors import InvalidStartRequestError, RecipeNotFoundError
 from workflows_celery.recipes import apply_parameters, load_recipe, prepare_recipe, validate_recipe
@@ -188,6 +189,7 @@ def build_recipe(
     """
     parameters = dict(request.parameters)
     run_id = str(parameters.get(RUN_ID_PARAMETER) or uuid.uuid4())
+    check_run_id(run_id)
     parameters[RUN_ID_PARAMETER] = run_id
 
     parts: list[tuple[str, Any]] = [(name, named_recipe_path(folder, name)) for name in request.recipes]

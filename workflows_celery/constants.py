@@ -76,6 +76,9 @@ SETTING_LEDGER = "workflows_ledger"
 #: Setting naming the Redis of the run ledger (default: a Redis result backend or broker).
 SETTING_LEDGER_URL = "workflows_ledger_url"
 
+#: Environment variable giving ``workflows_ledger_url`` to apps that do not set it.
+LEDGER_URL_VARIABLE = "WORKFLOWS_CELERY_LEDGER_URL"
+
 #: Setting giving the seconds a run's ledger records are kept after its last update.
 SETTING_LEDGER_TTL = "workflows_ledger_ttl"
 

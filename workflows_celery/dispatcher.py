@@ -22,6 +22,7 @@ import workflows.recipe
 from workflows.recipe.wrapper import RecipeWrapper
 from workflows.services.common_service import CommonService
 
+from workflows_celery import ledger
 from workflows_celery.catalog import StartRequest, build_recipe, recipe_folder
 from workflows_celery.constants import DISPATCHER_QUEUE
 from workflows_celery.errors import WorkflowsCeleryError
@@ -66,7 +67,7 @@ class RecipeDispatcher(CommonService):
             transport.nack(header, requeue=False, reason=str(error))
             return
 
-        with self.extend_log("recipe_ID", run_id):
+        with self.extend_log("recipe_ID", run_id), ledger.start_origin(request.describe()):
             transaction = transport.transaction_begin()
             transport.ack(header, transaction=transaction)
             started = RecipeWrapper(recipe=recipe, transport=transport, environment={"ID": run_id})

@@ -32,6 +32,10 @@ class RecipeNotFoundError(InvalidRecipeError):
     """Raised when a recipe name matches no recipe file in the recipe folder."""
 
 
+class InvalidRunIdError(WorkflowsCeleryError):
+    """Raised when a run ID chosen by the caller cannot be used."""
+
+
 class InvalidStartRequestError(WorkflowsCeleryError):
     """Raised when a start request (recipe names, parameters, custom recipe) is malformed."""
 

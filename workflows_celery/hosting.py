@@ -386,13 +386,12 @@ def run_step(task: Task, **kwargs: Any) -> str:
             raise
         except Exception as error:
             # _run_step dead-letters the message of a queue before it raises.
-            outcome = ledger.STEP_BROADCAST if destination.is_topic else ledger.STEP_DEAD_LETTERED
+            outcome = ledger.STEP_DEAD_LETTERED
             sends.error = sends.error or repr(error)
             raise
         finally:
-            if destination.is_topic and outcome != ledger.STEP_DEAD_LETTERED:
-                outcome = ledger.STEP_BROADCAST
-            record(outcome, sends.messages, sends.error)
+            # A broadcast was never counted as in flight, so it cannot end or fail the run.
+            record(ledger.STEP_BROADCAST if destination.is_topic else outcome, sends.messages, sends.error)
 
 
 def _ledger_step(

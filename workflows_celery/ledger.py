@@ -21,7 +21,7 @@ flight. A ``cancelled`` run's messages are dropped by the worker that takes
 them, before any service sees them, and steps that were already running
 finish.
 
-Each run has a few keys named ``workflows.run.<run ID>...``, which expire a
+Each run has a few keys named ``workflows.run...:<run ID>``, which expire a
 week (``workflows_ledger_ttl``) after the run's last update, and the sorted
 set ``workflows.runs`` lists runs by start time. The ledger is on by default
 on Redis: the result backend if it is Redis, else the broker if it is Redis.
@@ -180,7 +180,11 @@ settle(ARGV[1], ARGV[2])
 
 
 class LedgerError(WorkflowsCeleryError):
-    """Raised when the ledger cannot be read, or a run is not in it."""
+    """Raised when a run is not in the ledger, or cannot be cancelled."""
+
+
+class LedgerUnavailableError(LedgerError):
+    """Raised when the ledger's Redis cannot be reached."""
 
 
 @dataclass(frozen=True)
@@ -304,8 +308,16 @@ class Ledger:
         return f"<Ledger {mask_url(self.url)}>"
 
     def _keys(self, run_id: str) -> list[str]:
-        base = f"workflows.run.{run_id}"
-        return [base, f"{base}.sent", f"{base}.done", f"{base}.edges", f"{base}.steps", self._index]
+        # The run ID comes last and each kind of key has its own prefix, so no
+        # run ID can name another run's keys.
+        return [
+            f"workflows.run:{run_id}",
+            f"workflows.run.sent:{run_id}",
+            f"workflows.run.done:{run_id}",
+            f"workflows.run.edges:{run_id}",
+            f"workflows.run.steps:{run_id}",
+            self._index,
+        ]
 
     # -- Recording -------------------------------------------------------------------
 
@@ -443,7 +455,9 @@ class Ledger:
                 pipeline.lrange(keys[4], 0, -1) if steps else pipeline.llen(keys[4])
                 fields, edges, step_entries = pipeline.execute()
         except redis.RedisError as error:
-            raise LedgerError(f"Cannot read run {run_id} from the ledger {mask_url(self.url)}: {error}") from None
+            raise LedgerUnavailableError(
+                f"Cannot read run {run_id} from the ledger {mask_url(self.url)}: {error}"
+            ) from None
         if not fields:
             raise LedgerError(
                 f"Run {run_id} is not in the ledger {mask_url(self.url)}: it was never started "
@@ -473,7 +487,7 @@ class Ledger:
             members = self.client.zrevrange(self._index, 0, max(limit, 1) - 1)
             run_ids = [value.decode() if isinstance(value, bytes) else str(value) for value in members]
         except redis.RedisError as error:
-            raise LedgerError(f"Cannot list runs in the ledger {mask_url(self.url)}: {error}") from None
+            raise LedgerUnavailableError(f"Cannot list runs in the ledger {mask_url(self.url)}: {error}") from None
         found = []
         for run_id in run_ids:
             try:
@@ -561,6 +575,8 @@ def require_ledger(app: Celery) -> Ledger:
         ConfigurationError: the app has no ledger.
     """
     ledger = ledger_for(app)
+    if ledger is None and app.conf.get(SETTING_LEDGER) is False:
+        raise ConfigurationError(f"The run ledger is off: the app sets {SETTING_LEDGER} = False")
     if ledger is None:
         raise ConfigurationError(
             f"No run ledger for broker {mask_url(str(app.conf.broker_url))}: the ledger needs "
@@ -586,6 +602,21 @@ class StepSends:
 _current_step: contextvars.ContextVar[StepSends | None] = contextvars.ContextVar(
     "workflows_celery_current_step", default=None
 )
+
+
+_start_origin: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "workflows_celery_start_origin", default=None
+)
+
+
+@contextmanager
+def start_origin(origin: str) -> Iterator[None]:
+    """Name the recipe of the runs that this thread starts inside the block, for the ledger."""
+    token = _start_origin.set(origin)
+    try:
+        yield
+    finally:
+        _start_origin.reset(token)
 
 
 @contextmanager
@@ -630,7 +661,7 @@ def before_publish(app: Celery, messages: list[OutgoingMessage], origin: str | N
         else:
             others.setdefault(run_id, []).append(outgoing)
     for run_id, sends in starts.items():
-        ledger.record_start(run_id, sends, origin or "recipe")
+        ledger.record_start(run_id, sends, origin or _start_origin.get() or "recipe")
     for run_id, sends in others.items():
         ledger.record_sent(run_id, sends, _sender_of(sends[0]))
 

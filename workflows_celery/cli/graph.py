@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from workflows_celery.catalog import StartRequest, build_recipe, is_recipe_name, recipe_folder
 from workflows_celery.cli.common import add_broker_option, broker_app, parse_parameter
+from workflows_celery.cli.run import build_run
 from workflows_celery.errors import ConfigurationError
 from workflows_celery.graph import DOT_FORMATS, RENDERED_FORMATS, recipe_dot, render
 
@@ -26,7 +26,12 @@ def add_commands(commands: Any) -> None:
             "to standard output. SVG and PNG need Graphviz's 'dot' program."
         ),
     )
-    graph.add_argument("recipe", metavar="RECIPE", help="recipe JSON file, or name of a recipe in the recipe folder")
+    graph.add_argument(
+        "recipes",
+        nargs="+",
+        metavar="RECIPE",
+        help="recipe JSON file, or name of a recipe in the recipe folder; several are merged as 'run' merges them",
+    )
     graph.add_argument("-o", "--output", type=Path, metavar="FILE", help="picture to write")
     graph.add_argument(
         "-p",
@@ -56,21 +61,25 @@ def command_graph(args: argparse.Namespace) -> int:
                 f"Cannot tell the picture format of {str(args.output)!r}: end the file name "
                 "in .svg, .png, .dot or .gv"
             )
-    name = args.recipe
-    as_name = is_recipe_name(name) and not Path(name).is_file()
-    request = StartRequest(recipes=[name] if as_name else [], parameters=dict(args.parameters))
-    files = [] if as_name else [Path(name)]
-    _, recipe = build_recipe(request, recipe_folder(folder=args.recipe_dir), files=files, allow_unresolved=True)
-
+    _, recipe, name = build_run(args, allow_unresolved=True)
     run = require_ledger(broker_app(args)).get(args.run) if args.run else None
+    if run is not None and run.origin not in (name, "recipe"):
+        print(
+            f"warning: run {run.run_id} was started from {run.origin!r}, not {name!r}; "
+            "its counts are drawn on the recipe given here",
+            file=sys.stderr,
+        )
     title = name if run is None else f"{name}: run {run.run_id} ({run.state})"
     dot_text = recipe_dot(recipe, run, title=title)
     if args.output is None:
         sys.stdout.write(dot_text)
         return 0
-    if output_format in DOT_FORMATS:
-        args.output.write_text(dot_text, encoding="utf-8")
-    else:
-        args.output.write_bytes(render(dot_text, output_format))
+    picture = dot_text.encode() if output_format in DOT_FORMATS else render(dot_text, output_format)
+    try:
+        args.output.write_bytes(picture)
+    except OSError as error:
+        raise ConfigurationError(
+            f"Cannot write {str(args.output)!r}: {error.strerror}; check that its folder exists"
+        ) from None
     print(f"Wrote {args.output}")
     return 0

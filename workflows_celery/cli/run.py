@@ -160,18 +160,21 @@ def command_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_run(args: argparse.Namespace) -> tuple[str, Recipe, str]:
+def build_run(args: argparse.Namespace, *, allow_unresolved: bool | None = None) -> tuple[str, Recipe, str]:
     """Merge the command's recipes and apply its parameters; return run ID, recipe and its name.
 
     An argument that names an existing file, or that is not a plain recipe
     name (it has a ``/`` or ends in ``.json``), is a recipe file. Any other is
-    the name of a recipe in the recipe folder.
+    the name of a recipe in the recipe folder. ``allow_unresolved`` keeps
+    placeholders in queue and topic names (default: with ``--simulate``).
     """
     names = [item for item in args.recipes if is_recipe_name(item) and not Path(item).is_file()]
     files = [Path(item) for item in args.recipes if item not in names]
     request = StartRequest(recipes=names, parameters=dict(args.parameters))
     folder = recipe_folder(folder=args.recipe_dir)
-    run_id, recipe = build_recipe(request, folder, files=files, allow_unresolved=args.simulate)
+    if allow_unresolved is None:
+        allow_unresolved = args.simulate
+    run_id, recipe = build_recipe(request, folder, files=files, allow_unresolved=allow_unresolved)
     return run_id, recipe, " + ".join(args.recipes)
 
 
@@ -211,6 +214,7 @@ def _dry_run(run_id: str, recipe: Recipe, broker_url: str | None) -> int:
 def _run_on_broker(run_id: str, recipe: Recipe, origin: str, args: argparse.Namespace) -> int:
     from workflows_celery.application import create_app
     from workflows_celery.canvas import start_recipe
+    from workflows_celery.ledger import ledger_for
     from workflows_celery.spool import default_spool_folder, spool_run
 
     app = create_app(args.broker)
@@ -229,6 +233,12 @@ def _run_on_broker(run_id: str, recipe: Recipe, origin: str, args: argparse.Name
         )
         return EXIT_SPOOLED
     print(f"Started run {run_id} of {origin} on {mask_url(args.broker)}")
+    if ledger_for(app) is None:
+        print(
+            "note: the run is not in a run ledger, because the broker is not Redis; set "
+            "WORKFLOWS_CELERY_LEDGER_URL=redis://... here and for the workers to record runs",
+            file=sys.stderr,
+        )
     return 0
 
 

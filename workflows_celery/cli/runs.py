@@ -72,7 +72,7 @@ def command_runs(args: argparse.Namespace) -> int:
     if not records:
         print("No runs in the ledger")
         return 0
-    print(f"{'RUN ID':36}  {'STATE':9}  {'STARTED':19}  {'SECONDS':>8}  {'STEPS':>6}  {'IN FLIGHT':>9}  RECIPE")
+    print(f"{'RUN ID':36}  {'STATE':9}  {'STARTED (UTC)':19}  {'SECONDS':>8}  {'STEPS':>6}  {'IN FLIGHT':>9}  RECIPE")
     for record in records:
         print(
             f"{record.run_id:36}  {record.state:9}  {_time(record.started_at):19}  "
@@ -101,7 +101,7 @@ def describe_run(record: RunRecord) -> list[str]:
     """Return the lines of ``runs show``: a summary, the steps as a tree, and the edges."""
     lines = [
         f"Run {record.run_id} of {record.origin or 'unknown recipe'}: {record.state}",
-        f"started {_time(record.started_at)}, {_duration(record)} s, {record.step_count} step(s), "
+        f"started {_time(record.started_at)} UTC, {_duration(record)} s, {record.step_count} step(s), "
         f"{record.sent} message(s) sent, {record.in_flight} in flight, {record.failed} dead-lettered",
     ]
     children: dict[int | None, list[LedgerStep]] = {}
@@ -150,9 +150,10 @@ def _sort_key(edge: tuple[int | None, int | None]) -> tuple[int, int]:
 
 
 def _time(timestamp: float | None) -> str:
+    """Write a time in UTC, as the dlq commands do."""
     if timestamp is None:
         return "-"
-    return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _duration(record: RunRecord) -> str:

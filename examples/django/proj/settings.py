@@ -32,6 +32,10 @@ WSGI_APPLICATION = "proj.wsgi.application"
 DATABASES = {}
 
 USE_TZ = True
+# Django sets the process's TZ variable to TIME_ZONE, which decides the times
+# in log lines. CELERY_TIMEZONE below makes crontab schedules use it too.
+# Django's own default is America/Chicago.
+TIME_ZONE = os.environ.get("DJANGO_TIME_ZONE", "UTC")
 
 # The run API logs each run it starts, with its run ID.
 LOGGING = {
@@ -50,6 +54,12 @@ CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/
 
 #: Services that ``celery -A proj worker`` hosts unless --services names others.
 CELERY_WORKFLOWS_SERVICES = ["SamplePipethrough"]
+
+CELERY_TIMEZONE = TIME_ZONE
+
+#: The Redis of the run ledger, which GET /runs/<run_id>/ reads. Left unset,
+#: the ledger is in the Redis of the broker or of the result backend.
+CELERY_WORKFLOWS_LEDGER_URL = os.environ.get("CELERY_WORKFLOWS_LEDGER_URL")
 
 # workflows-celery gives Redis connections a connect timeout equal to
 # CELERY_BROKER_CONNECTION_TIMEOUT (4 s by default). A web request should give

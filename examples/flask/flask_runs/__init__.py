@@ -57,6 +57,14 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     else:
         app.config.from_mapping(test_config)
 
+    # app.logger is the "flask_runs" logger, the parent of the loggers of this
+    # package's modules. Flask gives it a handler that writes to stderr unless a
+    # handler of the logging configuration already takes its records. Python's
+    # default level, WARNING, would hide the lines about started runs, so the
+    # level is INFO unless the configuration (or debug mode) sets one.
+    if app.logger.level == logging.NOTSET:
+        app.logger.setLevel(logging.INFO)
+
     recipe_folder = Path(app.config["RECIPE_FOLDER"])
     if not recipe_folder.is_dir():
         logger.warning(
