@@ -291,6 +291,8 @@ class Ledger:
         self._index = f"workflows.runs.{namespace}" if namespace else "workflows.runs"
         self._cancelled_index = f"workflows.cancelled.{namespace}" if namespace else "workflows.cancelled"
         self._cancelled: set[str] = set()
+        #: Runs noted as cancelled since the last read of the cancelled runs.
+        self._noted: set[str] = set()
         self._cancelled_read_at = 0.0
         self._cancelled_lock = threading.Lock()
         self.client = redis.Redis.from_url(
@@ -408,14 +410,20 @@ class Ledger:
             except redis.RedisError as error:
                 self._warn("Cannot read the cancelled runs from the ledger %s: %s", mask_url(self.url), error)
             else:
+                # Replaced rather than added to, so that runs whose records
+                # expired leave memory.
                 with self._cancelled_lock:
-                    self._cancelled |= {m.decode() if isinstance(m, bytes) else str(m) for m in members}
+                    read = {m.decode() if isinstance(m, bytes) else str(m) for m in members}
+                    # Cancels noted while the read was on its way are kept too.
+                    self._cancelled = read | self._noted
+                    self._noted = set()
         return run_id in self._cancelled
 
     def note_cancelled(self, run_id: str) -> None:
         """Remember in this process that the run was cancelled."""
         with self._cancelled_lock:
             self._cancelled.add(run_id)
+            self._noted.add(run_id)
 
     def cancel(self, run_id: str) -> RunRecord:
         """Mark a run cancelled in the ledger.
