@@ -65,7 +65,10 @@ class Rejector(CommonService):
 
 
 class DelayedForwarder(CommonService):
-    """Forward every recipe message on queue ``test.forwarder`` after the payload's ``delay`` seconds."""
+    """Forward every recipe message on queue ``test.forwarder`` after the payload's ``delay`` seconds.
+
+    A payload with ``checkpoint`` set first checks in once with that delay.
+    """
 
     _service_name = "Delayed forwarder"
 
@@ -75,7 +78,26 @@ class DelayedForwarder(CommonService):
         workflows.recipe.wrap_subscribe(self._transport, "test.forwarder", self.forward)
 
     def forward(self, rw: Any, header: dict[str, object], payload: Any) -> None:
-        rw.send(payload, delay=payload["delay"])
+        if payload.get("checkpoint"):
+            # Come back to this node once, after the delay, then forward.
+            rw.checkpoint({**payload, "checkpoint": False}, delay=payload["delay"])
+        else:
+            rw.send(payload, delay=payload["delay"])
+
+
+class FanOut(CommonService):
+    """Send ``items`` messages to the ``item`` output for every recipe message on ``test.fanout``."""
+
+    _service_name = "Fan-out"
+
+    def initializing(self) -> None:
+        import workflows.recipe
+
+        workflows.recipe.wrap_subscribe(self._transport, "test.fanout", self.split)
+
+    def split(self, rw: Any, header: dict[str, object], payload: Any) -> None:
+        for item in range(payload["items"]):
+            rw.send_to("item", {"item": item, "delay": payload["delay"], "checkpoint": True})
 
 
 #: Environment variable that makes ``SuddenDeath`` hang instead of killing itself.

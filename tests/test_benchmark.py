@@ -13,9 +13,11 @@ import pytest
 
 from benchmarks.report import format_report
 from benchmarks.run import SMALL_PAYLOAD, Settings, run_benchmark
+from benchmarks.systems import LEDGER_VARIABLE
+from benchmarks.systems import SYSTEMS as SYSTEMS_BY_KEY
 
-#: Systems of the tiny run: one of each kind, and workflows-celery without its run ledger.
-SYSTEMS = ("wc", "wc-noledger", "celery", "pw")
+#: Systems of the tiny run: one of each kind.
+SYSTEMS = ("wc", "celery", "pw")
 
 
 @pytest.mark.redis
@@ -39,10 +41,8 @@ def test_tiny_benchmark_measures_every_system(tmp_path: Path) -> None:
     measured = {(m.broker, m.system) for m in report.measurements}
     assert measured == {
         ("redis", "wc"),
-        ("redis", "wc-noledger"),
         ("redis", "celery"),
         ("rabbitmq", "wc"),
-        ("rabbitmq", "wc-noledger"),
         ("rabbitmq", "celery"),
         ("rabbitmq", "pw"),
     }
@@ -61,5 +61,20 @@ def test_tiny_benchmark_measures_every_system(tmp_path: Path) -> None:
     text = format_report(report)
     assert "| rabbitmq | workflows-celery / python-workflows |" in text
     assert "| redis | workflows-celery / Celery chain |" in text
-    assert "| redis | workflows-celery / workflows-celery, run ledger off |" in text
     assert len(report.rounds) == 1
+
+
+def test_ledger_off_system_turns_ledger_off() -> None:
+    on, off = SYSTEMS_BY_KEY["wc"], SYSTEMS_BY_KEY["wc-noledger"]
+
+    assert LEDGER_VARIABLE not in on.environment
+    assert off.environment[LEDGER_VARIABLE] == "0"
+    ledger_on = on.sender("memory://localhost/", "benchmark.test", "redis://127.0.0.1:6379/0")
+    ledger_off = off.sender("memory://localhost/", "benchmark.test", "redis://127.0.0.1:6379/0")
+    try:
+        assert ledger_on.app.conf.workflows_ledger_url == "redis://127.0.0.1:6379/0"
+        assert ledger_off.app.conf.workflows_ledger is False
+    finally:
+        ledger_on.close()
+        ledger_off.close()
+

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from conftest import REDIS_URL
 from helpers import wait_for
 from test_cli import run_command, write_recipe
 from workers import WorkerProcess
@@ -297,27 +298,28 @@ NAMED_RECIPES = {
 }
 
 
-@pytest.fixture
-def recipe_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "recipes"
-    folder.mkdir()
+@pytest.fixture(scope="module")
+def recipe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("recipes")
     for name, recipe in NAMED_RECIPES.items():
         (folder / f"{name}.json").write_text(json.dumps(recipe))
     return folder
 
 
-@pytest.fixture
-def worker(redis_url: str, tmp_path: Path, recipe_dir: Path) -> Iterator[WorkerProcess]:
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory, recipe_dir: Path) -> Iterator[WorkerProcess]:
+    """One real worker on Redis for the module's tests, with the named recipes."""
     process = WorkerProcess(
-        redis_url,
+        REDIS_URL,
         [
             "tests.services_for_tests:Rejector",
             "tests.services_for_tests:DelayedForwarder",
+            "tests.services_for_tests:FanOut",
             "RecipeDispatcher",
         ],
         "solo",
         "workflows_celery",
-        tmp_path,
+        tmp_path_factory.mktemp("worker-logs"),
         env={"WORKFLOWS_CELERY_RECIPE_DIR": str(recipe_dir)},
     )
     process.start()
@@ -413,4 +415,27 @@ def _in_ledger(ledger: Ledger, run_id: str) -> bool:
     except LedgerError:
         return False
     return True
+
+
+def test_real_worker_fan_out_with_delayed_checkpoints(worker: WorkerProcess, redis_url: str) -> None:
+    app = create_app(redis_url, main="tests.ledger.fanout")
+    ledger = require_ledger(app)
+    recipe = {
+        "1": {"service": "Fan-out", "queue": "test.fanout", "output": {"item": 2}},
+        "2": {"service": "Delayed forwarder", "queue": "test.forwarder", "output": 3},
+        "3": {"service": "Delayed forwarder", "queue": "test.forwarder"},
+        "start": [[1, {"items": 3, "delay": CHECKPOINT_DELAY_S}]],
+    }
+    run_id = start_recipe(recipe, app=app)
+
+    # Each item has checked in and waits out its delay, so the run goes on.
+    assert wait_for(lambda: len(ledger.get(run_id).steps) >= 4), worker.describe()
+    assert ledger.get(run_id).state == RUNNING
+
+    record = ledger.wait(run_id, RUN_TIMEOUT_S)
+    assert record.state == FINISHED
+    assert record.step_count == 1 + 3 + 3 + 3
+    assert record.edges == {(None, 1): 1, (1, 2): 3, (2, 2): 3, (2, 3): 3}
+    assert record.finished_at is not None
+    assert record.finished_at >= max(step.ended_at for step in record.steps)
 

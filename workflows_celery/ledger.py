@@ -72,6 +72,9 @@ LEDGER_SOCKET_TIMEOUT_S = 5.0
 #: Seconds between two warnings that the ledger cannot be reached.
 WARNING_INTERVAL_S = 60.0
 
+#: Seconds after a failed write during which the ledger is not tried again.
+RETRY_AFTER_FAILURE_S = 5.0
+
 #: Seconds between two reads of the cancelled runs by a worker process. The
 #: cancel broadcast reaches running workers at once; the read catches workers
 #: that started later or missed the broadcast while the broker was away.
@@ -285,7 +288,14 @@ def recipe_pointer(outgoing: OutgoingMessage) -> Any:
 class Ledger:
     """Records runs in one Redis database and reads them back."""
 
-    def __init__(self, url: str, *, namespace: str | None = None, ttl_s: float = DEFAULT_LEDGER_TTL_S) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str | None = None,
+        ttl_s: float = DEFAULT_LEDGER_TTL_S,
+        connect_timeout_s: float = LEDGER_SOCKET_TIMEOUT_S,
+    ) -> None:
         self.url = url
         self.ttl_s = int(ttl_s)
         self._index = f"workflows.runs.{namespace}" if namespace else "workflows.runs"
@@ -298,13 +308,14 @@ class Ledger:
         self.client = redis.Redis.from_url(
             url,
             socket_timeout=LEDGER_SOCKET_TIMEOUT_S,
-            socket_connect_timeout=LEDGER_SOCKET_TIMEOUT_S,
+            socket_connect_timeout=connect_timeout_s,
         )
         self._start = self.client.register_script(_START)
         self._sent = self.client.register_script(_SENT)
         self._step = self.client.register_script(_STEP)
         self._reinjected = self.client.register_script(_REINJECTED)
         self._last_warning = 0.0
+        self._skip_until = 0.0
 
     def __repr__(self) -> str:
         return f"<Ledger {mask_url(self.url)}>"
@@ -378,10 +389,16 @@ class Ledger:
         self._call(self._reinjected, run_id, [time.time(), self.ttl_s, message_id])
 
     def _call(self, script: Any, run_id: str, args: list[Any]) -> None:
+        if time.monotonic() < self._skip_until:
+            # The last attempt failed moments ago: waiting out another connect
+            # timeout would only delay the step or the start further.
+            logger.debug("Run %s not recorded: the ledger %s failed moments ago", run_id, mask_url(self.url))
+            return
         try:
             script(keys=self._keys(run_id), args=args)
         except redis.RedisError as error:
             # The ledger only observes: a step must not fail because of it.
+            self._skip_until = time.monotonic() + RETRY_AFTER_FAILURE_S
             self._warn("Cannot record run %s in the ledger %s: %s", run_id, mask_url(self.url), error)
 
     def _warn(self, text: str, *args: Any) -> None:
@@ -571,7 +588,15 @@ def ledger_for(app: Celery) -> Ledger | None:
         ledger = None
         if url is not None:
             ttl = app.conf.get(SETTING_LEDGER_TTL) or DEFAULT_LEDGER_TTL_S
-            ledger = Ledger(url, namespace=app.conf.get(SETTING_NAMESPACE), ttl_s=float(ttl))
+            # The broker's connect timeout, so that a start waits no longer
+            # for the ledger than for the broker.
+            connect_timeout = min(float(app.conf.broker_connection_timeout or LEDGER_SOCKET_TIMEOUT_S), LEDGER_SOCKET_TIMEOUT_S)
+            ledger = Ledger(
+                url,
+                namespace=app.conf.get(SETTING_NAMESPACE),
+                ttl_s=float(ttl),
+                connect_timeout_s=connect_timeout,
+            )
         _ledgers[app] = ledger
         return ledger
 
