@@ -14,9 +14,8 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from celery import Celery, group
+from celery import Celery, Task, group
 from celery import current_app as celery_current_app
-from celery import Task
 from celery.canvas import Signature
 from workflows.recipe.wrapper import RecipeWrapper
 
@@ -41,6 +40,8 @@ def check_run_id(run_id: Any) -> None:
         InvalidRunIdError: it is not 1 to 128 letters, digits, ``_``, ``.``, ``:``
             or ``-``, starting with a letter or digit.
     """
+    if isinstance(run_id, int) and not isinstance(run_id, bool):
+        run_id = str(run_id)
     if not isinstance(run_id, str) or _RUN_ID.fullmatch(run_id) is None:
         raise InvalidRunIdError(
             f"Invalid run ID {run_id!r}: use 1 to 128 letters, digits, '_', '.', ':' or '-', "
