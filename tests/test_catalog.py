@@ -13,7 +13,13 @@ from celery import Celery
 from workflows.recipe.wrapper import RecipeWrapper
 
 from workflows_celery import create_app, dlq, recipe_step
-from workflows_celery.catalog import StartRequest, build_recipe, named_recipe_path, recipe_folder
+from workflows_celery.canvas import check_run_id
+from workflows_celery.catalog import (
+    StartRequest,
+    build_recipe,
+    named_recipe_path,
+    recipe_folder,
+)
 from workflows_celery.constants import DISPATCHER_QUEUE, SETTING_RECIPE_DIR
 from workflows_celery.dispatcher import RecipeDispatcher
 from workflows_celery.errors import (
@@ -24,7 +30,13 @@ from workflows_celery.errors import (
     TransportNotConnectedError,
 )
 from workflows_celery.services import load_service
-from workflows_celery.spool import REJECTED_FOLDER, SpooledRun, pick_up, spool_run, spooled_files
+from workflows_celery.spool import (
+    REJECTED_FOLDER,
+    SpooledRun,
+    pick_up,
+    spool_run,
+    spooled_files,
+)
 from workflows_celery.testing import Run, WorkflowsHarness
 
 #: Queues of the step functions that the named recipes below use.
@@ -259,3 +271,9 @@ def test_pickup_stops_when_broker_unreachable(tmp_path: Path, recipes: Path) -> 
 def test_unusable_run_id_rejected(recipes: Path, run_id: str) -> None:
     with pytest.raises(InvalidRunIdError, match="Invalid run ID"):
         build_recipe(StartRequest(["notify"], {"uuid": run_id}), recipes)
+
+
+def test_whole_number_run_id_accepted() -> None:
+    check_run_id(1234)
+    with pytest.raises(InvalidRunIdError):
+        check_run_id(True)
