@@ -29,6 +29,26 @@ def parse_parameter(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def add_recipe_options(parser: argparse.ArgumentParser, recipes_help: str, param_help: str) -> None:
+    """Add the recipes (files or names), ``-p/--param`` and ``--recipe-dir`` of ``run`` and ``graph``."""
+    parser.add_argument("recipes", nargs="+", metavar="RECIPE", help=recipes_help)
+    parser.add_argument(
+        "-p",
+        "--param",
+        dest="parameters",
+        action="append",
+        type=parse_parameter,
+        default=[],
+        metavar="KEY=VALUE",
+        help=param_help,
+    )
+    parser.add_argument(
+        "--recipe-dir",
+        metavar="DIR",
+        help="folder of named recipes (default: WORKFLOWS_CELERY_RECIPE_DIR)",
+    )
+
+
 def add_broker_option(parser: argparse.ArgumentParser, help_text: str = "Celery broker URL") -> None:
     """Add the ``-b/--broker`` option that most commands take."""
     parser.add_argument("-b", "--broker", metavar="URL", help=help_text)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from workflows_celery.cli.common import add_broker_option, broker_app, parse_parameter
+from workflows_celery.cli.common import add_broker_option, add_recipe_options, broker_app
 from workflows_celery.cli.run import build_run
 from workflows_celery.errors import ConfigurationError
 from workflows_celery.graph import DOT_FORMATS, RENDERED_FORMATS, recipe_dot, render
@@ -26,24 +26,12 @@ def add_commands(commands: Any) -> None:
             "to standard output. SVG and PNG need Graphviz's 'dot' program."
         ),
     )
-    graph.add_argument(
-        "recipes",
-        nargs="+",
-        metavar="RECIPE",
-        help="recipe JSON file, or name of a recipe in the recipe folder; several are merged as 'run' merges them",
+    add_recipe_options(
+        graph,
+        "recipe JSON file, or name of a recipe in the recipe folder; several are merged as 'run' merges them",
+        "recipe parameter, as for 'run'; placeholders without one are drawn as they are",
     )
     graph.add_argument("-o", "--output", type=Path, metavar="FILE", help="picture to write")
-    graph.add_argument(
-        "-p",
-        "--param",
-        dest="parameters",
-        action="append",
-        type=parse_parameter,
-        default=[],
-        metavar="KEY=VALUE",
-        help="recipe parameter, as for 'run'; placeholders without one are drawn as they are",
-    )
-    graph.add_argument("--recipe-dir", metavar="DIR", help="folder of named recipes (default: WORKFLOWS_CELERY_RECIPE_DIR)")
     graph.add_argument("--run", metavar="ID", help="draw this run's message counts and node outcomes")
     add_broker_option(graph, "Celery broker URL, to find the run ledger for --run (default: CELERY_BROKER_URL)")
     graph.set_defaults(handler=command_graph)

@@ -20,7 +20,7 @@ from workflows.recipe import Recipe
 from workflows.services.common_service import CommonService
 
 from workflows_celery.catalog import StartRequest, build_recipe, is_recipe_name, recipe_folder
-from workflows_celery.cli.common import add_broker_option, broker_app, parse_parameter
+from workflows_celery.cli.common import add_broker_option, add_recipe_options, broker_app
 from workflows_celery.constants import EMBEDDED_BROKER_URL
 from workflows_celery.errors import TransportNotConnectedError, WorkflowsCeleryError
 from workflows_celery.recipes import load_recipe, unresolved_destinations, validate_recipe
@@ -53,30 +53,14 @@ def add_commands(commands: Any) -> None:
             "message is left in flight."
         ),
     )
-    run.add_argument(
-        "recipes",
-        nargs="+",
-        metavar="RECIPE",
-        help="recipe JSON file, or name of a recipe in the recipe folder",
-    )
-    run.add_argument(
-        "-p",
-        "--param",
-        dest="parameters",
-        action="append",
-        type=parse_parameter,
-        default=[],
-        metavar="KEY=VALUE",
-        help="recipe parameter filling {KEY} placeholders (repeatable); a JSON "
+    add_recipe_options(
+        run,
+        "recipe JSON file, or name of a recipe in the recipe folder",
+        "recipe parameter filling {KEY} placeholders (repeatable); a JSON "
         "object or array value is decoded, for {$REPLACE:KEY}; 'uuid' sets the run ID",
     )
     add_broker_option(
         run, "Celery broker URL, e.g. redis://127.0.0.1:6379/0 (default: embedded in-memory broker)"
-    )
-    run.add_argument(
-        "--recipe-dir",
-        metavar="DIR",
-        help="folder of named recipes (default: WORKFLOWS_CELERY_RECIPE_DIR)",
     )
     run.add_argument(
         "--dry-run",
