@@ -28,7 +28,8 @@ def test_named_recipe_runs_embedded() -> None:
     result = run_command("run", "pipethrough", "--recipe-dir", str(EXAMPLE_RECIPES), "-p", "sample=x")
 
     assert result.returncode == 0, result.stderr
-    assert "Run " in result.stdout and " of pipethrough on the embedded broker" in result.stdout
+    assert result.stdout.startswith("Run ")
+    assert " of pipethrough on the embedded broker" in result.stdout
     summary = SUMMARY.search(result.stdout)
     assert summary is not None, result.stdout
     assert summary.groups()[1:] == ("4", "4")

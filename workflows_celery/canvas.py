@@ -161,7 +161,7 @@ def start_recipe_task(
 
     ``celery beat`` schedules this task to start recipes periodically, and any
     Celery client can send it. ``recipe`` is a recipe object, JSON text, or the
-    path of a recipe file as the worker sees it (relative paths start at the
+    path of a recipe file on the worker's file system (relative paths start at the
     worker's working folder). Returns the run ID.
 
     Raises:

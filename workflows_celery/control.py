@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 WORKER_FIELD = "worker"
 
 
-#: The command that tells workers a run was cancelled, with the run ID in ``run``.
+#: The command that announces a cancelled run to workers, with the run ID in ``run``.
 CANCEL_COMMAND = "cancel"
 
 

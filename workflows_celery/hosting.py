@@ -51,7 +51,7 @@ OUTCOME_DEAD_LETTERED = "dead-lettered"
 OUTCOME_DROPPED = "dropped: no subscriber to the topic in this process"
 OUTCOME_CANCELLED = "dropped: its run was cancelled"
 
-#: How the run ledger records each outcome of a step.
+#: The run ledger's outcome for each outcome of a step.
 _LEDGER_OUTCOMES = {
     OUTCOME_PROCESSED: "done",
     OUTCOME_DEAD_LETTERED: "dead-lettered",
@@ -356,7 +356,7 @@ def run_step(task: Task, **kwargs: Any) -> str:
     """Body of the step task: run the step, and record it in the run ledger.
 
     A recipe message of a cancelled run is dropped here, before any service
-    sees it. See :func:`_run_step` for the step itself.
+    receives it. See :func:`_run_step` for the step itself.
     """
     recorder = ledger.ledger_for(task.app)
     run_id = run_id_of(kwargs) if recorder is not None else None

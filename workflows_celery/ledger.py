@@ -18,7 +18,7 @@ ends), and with checkpoints (a checkpoint is a message like any other).
 
 A run whose message was dead-lettered is ``failed`` once nothing is left in
 flight. A ``cancelled`` run's messages are dropped by the worker that takes
-them, before any service sees them, and steps that were already running
+them, before any service receives them, and steps that were already running
 finish.
 
 Each run has a few keys named ``workflows.run...:<run ID>``, which expire a
@@ -410,7 +410,7 @@ class Ledger:
     # -- Cancelling ------------------------------------------------------------------
 
     def is_cancelled(self, run_id: str) -> bool:
-        """Tell whether this process knows the run to be cancelled.
+        """Tell whether the run is cancelled, as far as this process has heard.
 
         Like Celery's ``revoke``, a cancel reaches workers as a broadcast
         (:func:`workflows_celery.control.cancel_run`), which calls
@@ -446,7 +446,7 @@ class Ledger:
         """Mark a run cancelled in the ledger.
 
         Workers learn of it from the ledger within ``CANCELLED_REFRESH_S``;
-        :func:`workflows_celery.control.cancel_run` also tells them at once.
+        :func:`workflows_celery.control.cancel_run` also broadcasts the cancel at once.
 
         Raises:
             LedgerError: the run is not in the ledger, or has ended already.
@@ -548,7 +548,7 @@ def _children(messages: list[OutgoingMessage], sender: int | None) -> list[Any]:
     for outgoing in messages:
         if outgoing.destination.is_topic:
             # NOTE: broadcasts are not counted, because the number of subscribers
-            # is not known; a run can look finished while a topic's subscriber
+            # is not known. So a run can look finished while a topic's subscriber
             # has yet to run.
             continue
         pairs += [outgoing.task_id, _edge_key(sender, recipe_pointer(outgoing))]

@@ -45,7 +45,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture
 def workflows_services(request: pytest.FixtureRequest) -> list[Any]:
-    """The services that ``workflows_harness`` hosts.
+    """Return the services that ``workflows_harness`` hosts.
 
     By default the arguments of the closest ``workflows_services`` marker, or
     none. Override this fixture to give a module's or a folder's tests the
@@ -57,7 +57,7 @@ def workflows_services(request: pytest.FixtureRequest) -> list[Any]:
 
 @pytest.fixture
 def workflows_app() -> Iterator[Celery]:
-    """A new Celery app on the in-memory broker, set up for workflows.
+    """Make a new Celery app on the in-memory broker, set up for workflows.
 
     Override it to register ``recipe_step`` functions, or to change settings,
     before the worker starts::
@@ -76,7 +76,7 @@ def workflows_app() -> Iterator[Celery]:
 
 @pytest.fixture
 def workflows_harness(workflows_services: list[Any], workflows_app: Celery) -> Iterator[WorkflowsHarness]:
-    """An embedded worker hosting ``workflows_services``, stopped after the test.
+    """Run an embedded worker hosting ``workflows_services``, and stop it after the test.
 
     Use it to start runs (``start``, ``run``), send plain messages (``send``),
     and read what each step sent (``Run.sent_by``, ``sent_to``).

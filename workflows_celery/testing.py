@@ -164,19 +164,19 @@ class Run:
         return [message for message in self.harness.sent if message.run_id == self.id]
 
     def nodes_run(self) -> list[int]:
-        """The nodes whose steps ended, sorted, once per step (a node may run several times)."""
+        """Return the nodes whose steps ended, sorted, once per step (a node may run several times)."""
         return sorted(step.node for step in self.steps)
 
     def sent_by(self, node: int | None) -> list[SentMessage]:
-        """The messages that node ``node``'s steps sent (``None``: the run's first messages)."""
+        """Return the messages that node ``node``'s steps sent (``None``: the run's first messages)."""
         return [message for message in self.sent if message.sender == node]
 
     def payloads_sent_by(self, node: int | None) -> list[Any]:
-        """The payloads of :meth:`sent_by`."""
+        """Return the payloads of :meth:`sent_by`."""
         return [message.payload for message in self.sent_by(node)]
 
     def payloads_to(self, node: int) -> list[Any]:
-        """The payloads of the messages addressed to node ``node``."""
+        """Return the payloads of the messages addressed to node ``node``."""
         return [message.payload for message in self.sent if message.node == node]
 
 
@@ -218,7 +218,7 @@ class WorkflowsHarness:
         return dict(self.tracker.dead_lettered)
 
     def sent_to(self, destination: str, *, topic: bool = False) -> list[SentMessage]:
-        """The messages sent to the queue (or with ``topic``, the topic) ``destination``."""
+        """Return the messages sent to the queue (or with ``topic``, the topic) ``destination``."""
         expected = Destination(destination, is_topic=topic)
         return [message for message in self.sent if message.destination == expected]
 
@@ -309,7 +309,7 @@ def embedded_harness(
 
 
 def _purge_leftovers(app: Celery, tracker: FlightTracker) -> None:
-    """Empty the in-memory queues that received messages nobody here read."""
+    """Empty the in-memory queues that received messages no hosted service read."""
     names = set(tracker.undeliverable) | {dead_letter_queue(name) for name in tracker.dead_lettered}
     if not names:
         return

@@ -643,7 +643,7 @@ class CeleryTransport(CommonTransport):
     ) -> None:
         # ``reason`` is not part of the workflows transport interface: a service
         # gives it with nack(header, requeue=False, reason=...) so that the dead
-        # letter says why the message was rejected.
+        # letter records why the message was rejected.
         outcome = Settlement(nacked=True, requeue=bool(requeue), reason=reason)
         self._settle(str(message_id), subscription_id, outcome, transaction)
 

@@ -323,7 +323,7 @@ def services_named_in(recipe: Recipe) -> list[type[CommonService]]:
     """Return the installed services whose entry-point or display name a node gives."""
     from workflows_celery.services import known_services
 
-    wanted = {
+    requested = {
         str(node.get("service"))
         for key, node in recipe.recipe.items()
         if isinstance(key, int) and isinstance(node, dict) and node.get("service")
@@ -336,6 +336,6 @@ def services_named_in(recipe: Recipe) -> list[type[CommonService]]:
             logger.warning("Cannot load service entry point %r", name, exc_info=True)
             continue
         display_name = getattr(service_class, "_service_name", None)
-        if (name in wanted or display_name in wanted) and service_class not in found:
+        if (name in requested or display_name in requested) and service_class not in found:
             found.append(service_class)
     return found

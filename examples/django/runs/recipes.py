@@ -67,6 +67,6 @@ def start_named_recipe(name: object, parameters: Mapping[str, Any]) -> str:
     """
     # Without app=, start_recipe would use workflows-celery's own ready-made
     # app, which does not read Django's settings.
-    # origin= names the recipe in errors, which the client sees, instead of
+    # origin= names the recipe in errors, which the client receives, instead of
     # the server's path to the file.
     return workflows_celery.start_recipe(recipe_path(name), parameters, app=app, origin=name)

@@ -121,7 +121,7 @@ def start_run() -> ResponseReturnValue:
 def _start(name: str, recipe_path: Path, parameters: dict[str, Any]) -> ResponseReturnValue:
     celery_app = current_app.extensions["celery"]
     try:
-        # origin= names the recipe in errors, which the client sees, instead
+        # origin= names the recipe in errors, which the client receives, instead
         # of the server's path to the file.
         run_id = workflows_celery.start_recipe(recipe_path, parameters, app=celery_app, origin=name)
     except InvalidRecipeError as error:
